@@ -1,0 +1,14 @@
+"""Pure Flax modules: no file I/O, no TensorFlow."""
+from mae_jax.models.mae import MAE_CONFIGS, MaskedAutoencoder
+from mae_jax.models.vit import VIT_CONFIGS, VisionTransformer
+
+
+def create_model(name, **overrides):
+  """Builds a model by registry name, e.g. 'mae_vit_base_patch16' or
+  'vit_large_patch16'; keyword overrides replace registry fields."""
+  if name in MAE_CONFIGS:
+    return MaskedAutoencoder(**{**MAE_CONFIGS[name], **overrides})
+  if name in VIT_CONFIGS:
+    return VisionTransformer(**{**VIT_CONFIGS[name], **overrides})
+  known = ', '.join(sorted(MAE_CONFIGS) + sorted(VIT_CONFIGS))
+  raise ValueError(f'unknown model name {name!r}; known names: {known}')

@@ -1,0 +1,123 @@
+"""Transformer building blocks shared by the MAE and the ViT classifier.
+
+All linear layers: Xavier-uniform weights, zero bias; LayerNorm eps 1e-6;
+exact (erf) GELU. `dtype` is the compute dtype, `param_dtype` the storage one.
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mae_jax.models.patches import patchify
+
+LN_EPS = 1e-6
+Dense = functools.partial(nn.Dense, kernel_init=nn.initializers.xavier_uniform(),
+                          bias_init=nn.initializers.zeros)
+LayerNorm = functools.partial(nn.LayerNorm, epsilon=LN_EPS)
+
+
+class PatchEmbed(nn.Module):
+  """p x p convolution with stride p, computed as a matmul on patch vectors.
+
+  The kernel is stored as a conv kernel (p, p, C, D); it is initialised
+  Xavier-uniform as a linear layer of fan_in p*p*C and fan_out D.
+  (N, H, W, C) images -> (N, L, D) tokens.
+  """
+  patch_size: int
+  embed_dim: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, imgs):
+    p, c = self.patch_size, imgs.shape[-1]
+    init = nn.initializers.variance_scaling(
+        1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=3)
+    kernel = self.param('kernel', init, (p, p, c, self.embed_dim),
+                        self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (self.embed_dim,),
+                      self.param_dtype)
+    x = patchify(imgs.astype(self.dtype), p)  # (N, L, p*p*C)
+    kernel = kernel.reshape(p * p * c, self.embed_dim).astype(self.dtype)
+    return x @ kernel + bias.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection. (N, T, D) -> same."""
+  num_heads: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention_impl: Any = None  # None (XLA default), 'xla' or 'cudnn'
+
+  @nn.compact
+  def __call__(self, x):
+    n, t, d = x.shape
+    if d % self.num_heads:
+      raise ValueError(f'width {d} is not divisible by num_heads={self.num_heads}')
+    head_dim = d // self.num_heads
+    dense = functools.partial(Dense, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    qkv = dense(3 * d, name='qkv')(x)
+    qkv = qkv.reshape(n, t, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (N, T, H, hd)
+    out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5,
+                                       implementation=self.attention_impl)
+    return dense(d, name='proj')(out.reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+  """fc1 (D -> hidden) -> exact GELU -> fc2 (hidden -> D). (N, T, D) -> same."""
+  hidden_dim: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dense = functools.partial(Dense, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    width = x.shape[-1]
+    x = dense(self.hidden_dim, name='fc1')(x)
+    x = nn.gelu(x, approximate=False)
+    return dense(width, name='fc2')(x)
+
+
+def drop_path(x, rate, rng):
+  """Stochastic depth: zeroes whole samples with probability `rate`, rescales
+  the rest by 1 / (1 - rate). x: (N, ...)."""
+  keep = 1.0 - rate
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  mask = jax.random.bernoulli(rng, keep, shape)
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)).
+
+  `drop_path_rate` > 0 applies stochastic depth to both branches when
+  `deterministic` is False, drawing from the 'dropout' RNG stream.
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention_impl: Any = None
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(LayerNorm, **kw)
+
+    def residual(branch):
+      if self.drop_path_rate > 0 and not deterministic:
+        branch = drop_path(branch, self.drop_path_rate,
+                           self.make_rng('dropout'))
+      return x + branch
+
+    x = residual(Attention(self.num_heads, attention_impl=self.attention_impl,
+                           name='attn', **kw)(norm(name='norm1')(x)))
+    hidden = int(x.shape[-1] * self.mlp_ratio)
+    x = residual(Mlp(hidden, name='mlp', **kw)(norm(name='norm2')(x)))
+    return x
