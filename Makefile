@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test install
+.PHONY: test install demo
 
 install: $(STAMP)
 
@@ -17,3 +17,9 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+DEMO_DIR ?= workdirs/demo
+
+# Tiny MAE pretraining on the embedded photographs, on CPU (a few minutes).
+demo: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) train.py --config configs/pretrain.py:tiny --workdir $(DEMO_DIR)

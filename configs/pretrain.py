@@ -1,0 +1,62 @@
+"""MAE pretraining: `--config configs/pretrain.py:VARIANT`.
+
+Variants: tiny (embedded images, CPU, minutes), base, large, huge (ImageNet
+via tfds `imagenet2012`, the recipe of MAE_SPEC section 6).
+"""
+import ml_collections
+
+VARIANTS = {
+    'tiny': dict(model='mae_vit_tiny_patch8', image_size=64, dataset='embedded',
+                 batch_size=32, epochs=0, total_steps=600, warmup_epochs=0,
+                 warmup_steps=40, blr=1.5e-3, norm_pix_loss=False,
+                 dtype='float32', checkpoint_every_steps=200,
+                 log_every_steps=50, figure_every_steps=200),
+    'base': dict(model='mae_vit_base_patch16'),
+    'large': dict(model='mae_vit_large_patch16'),
+    'huge': dict(model='mae_vit_huge_patch14'),
+}
+
+
+def get_config(arg='tiny'):
+  """Returns the locked config of a variant; unknown fields fail."""
+  if arg not in VARIANTS:
+    raise ValueError(f'unknown pretraining variant {arg!r}; '
+                     f'choose one of {", ".join(VARIANTS)}')
+  v = dict(
+      image_size=224, dataset='imagenet2012', batch_size=4096, epochs=800,
+      total_steps=0, warmup_epochs=40, warmup_steps=0, blr=1.5e-4,
+      norm_pix_loss=True, dtype='bfloat16', checkpoint_every_steps=1000,
+      log_every_steps=100, figure_every_steps=5000)
+  v.update(VARIANTS[arg])
+  c = ml_collections.ConfigDict()
+  c.variant = arg
+  c.model = v['model']
+  c.mask_ratio = 0.75
+  c.norm_pix_loss = v['norm_pix_loss']
+  c.dtype = v['dtype']               # compute dtype; parameters stay float32
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = v['dataset']         # 'embedded', 'folder' or a tfds name
+  c.data.data_dir = ml_collections.config_dict.placeholder(str)
+  c.data.split = 'train'
+  c.data.image_size = v['image_size']
+
+  c.batch_size = v['batch_size']     # global batch of one micro-step
+  c.accum_iter = 1                   # effective batch = batch_size * accum_iter
+  c.blr = v['blr']                   # lr = blr * effective batch / 256
+  c.weight_decay = 0.05
+  c.b1, c.b2 = 0.9, 0.95
+  c.epochs = v['epochs']
+  c.warmup_epochs = v['warmup_epochs']
+  c.total_steps = v['total_steps']   # optimizer updates; > 0 overrides epochs
+  c.warmup_steps = v['warmup_steps']  # > 0 overrides warmup_epochs
+  c.min_lr = 0.0
+
+  c.seed = 0
+  c.mesh = (-1, 1)                   # (data, fsdp); -1 takes the remaining devices
+  c.checkpoint_every_steps = v['checkpoint_every_steps']
+  c.keep_checkpoints = 3
+  c.log_every_steps = v['log_every_steps']
+  c.figure_every_steps = v['figure_every_steps']
+  c.lock()
+  return c

@@ -1,0 +1,229 @@
+"""tf.data input pipeline: per-process shards of deterministic global batches.
+
+Training order: epoch e visits a permutation of the examples drawn from
+(seed, e); global batch b of the epoch holds permutation entries
+[b*G, (b+1)*G) and process p gets the slice [b*G + p*L, b*G + (p+1)*L)
+(G global, L = G / process_count local batch). The global batch therefore
+does not depend on the number of processes, and the augmentation of an
+example is keyed by (seed, e, example index). Each epoch drops the last
+n % G examples. TFDS splits are read sequentially: each process streams its
+own tfds.even_splits share through a shuffle buffer seeded from (seed, e).
+
+`data_cfg` (a dict, ConfigDict or any object with attributes) fields:
+  name: 'embedded' | 'folder' | a TFDS dataset name (e.g. 'imagenet2012').
+  image_size: output height = width, in pixels.
+  data_dir (None): image folder root ('folder') or TFDS data_dir.
+  split ('train'): folder sub-directory or TFDS split; ignored by 'embedded'.
+  repeats (None): copies of each embedded photo per epoch; None gives an
+    epoch of at least 256 examples.
+  shuffle_buffer (10_000): TFDS examples held in the shuffle buffer.
+  image_key ('image'), label_key ('label'): TFDS feature names.
+"""
+import math
+
+import tensorflow as tf
+
+from mae_jax.data import augment, sources
+
+_DEFAULTS = dict(data_dir=None, split='train', repeats=None,
+                 shuffle_buffer=10_000, image_key='image', label_key='label')
+_SHUFFLE_INDEX = -1  # example_key index reserved for the epoch's shuffle
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _field(data_cfg, name):
+  """Reads one data config field, falling back to _DEFAULTS."""
+  if hasattr(data_cfg, 'get'):
+    value = data_cfg.get(name, None)
+  else:
+    value = getattr(data_cfg, name, None)
+  if value is not None:
+    return value
+  if name in _DEFAULTS:
+    return _DEFAULTS[name]
+  raise ValueError(f'data config lacks the required field {name!r}')
+
+
+def _local_batch(global_batch_size, process_count):
+  if global_batch_size % process_count:
+    raise ValueError(f'global batch size {global_batch_size} is not divisible '
+                     f'by the process count {process_count}')
+  return global_batch_size // process_count
+
+
+def _source(data_cfg, process_index, process_count, drop_remainder):
+  """IndexedSource, or (dataset, share size) of this process's TFDS share."""
+  name = _field(data_cfg, 'name')
+  if name == 'embedded':
+    return sources.embedded(_field(data_cfg, 'repeats'))
+  if name == 'folder':
+    return sources.folder(_field(data_cfg, 'data_dir'),
+                          _field(data_cfg, 'split'))
+  builder = sources.tfds_builder(name, _field(data_cfg, 'data_dir'))
+  return sources.tfds_share(
+      builder, _field(data_cfg, 'split'), process_index, process_count,
+      drop_remainder=drop_remainder, image_key=_field(data_cfg, 'image_key'),
+      label_key=_field(data_cfg, 'label_key'))
+
+
+def _size(src):
+  return src.num_examples if isinstance(src, sources.IndexedSource) else src[1]
+
+
+def num_examples(data_cfg):
+  """Examples in the configured split (embedded: photos x repeats)."""
+  return _size(_source(data_cfg, 0, 1, drop_remainder=False))
+
+
+def num_classes(data_cfg):
+  """Number of labels: photos ('embedded'), class directories ('folder') or
+  the TFDS label feature's num_classes."""
+  name = _field(data_cfg, 'name')
+  if name in ('embedded', 'folder'):
+    return _source(data_cfg, 0, 1, drop_remainder=False).num_classes
+  builder = sources.tfds_builder(name, _field(data_cfg, 'data_dir'))
+  return builder.info.features[_field(data_cfg, 'label_key')].num_classes
+
+
+def _train_steps(src, global_batch_size, process_count):
+  local = _local_batch(global_batch_size, process_count)
+  if isinstance(src, sources.IndexedSource):
+    steps = src.num_examples // global_batch_size
+  else:  # equal even_splits shares of the sequentially read TFDS split
+    steps = src[1] // local
+  if steps == 0:
+    where = 'the split' if isinstance(src, sources.IndexedSource) else 'a share'
+    raise ValueError(f'global batch size {global_batch_size} leaves no full '
+                     f'batch in the {_size(src)} examples of {where}')
+  return steps
+
+
+def steps_per_epoch(data_cfg, global_batch_size, process_count=1):
+  """Training steps per epoch, the same on every process."""
+  src = _source(data_cfg, 0, process_count, drop_remainder=True)
+  return _train_steps(src, global_batch_size, process_count)
+
+
+def _train_refs(src, seed, steps, global_batch_size, process_index,
+                process_count, start_step, shuffle_buffer):
+  """Infinite dataset of (reference, epoch) from start_step on, plus the
+  function reading a reference into (uint8 image, int32 label, int64 index).
+
+  The skip to start_step happens here, before any decoding.
+  """
+  local = global_batch_size // process_count
+  start_epoch, offset = divmod(start_step, steps)
+
+  def skip(epoch):
+    return tf.where(epoch == start_epoch, tf.cast(offset * local, tf.int64), 0)
+
+  if isinstance(src, sources.IndexedSource):
+    def epoch_refs(epoch):
+      key = augment.example_key(seed, epoch, _SHUFFLE_INDEX)
+      perm = tf.random.experimental.stateless_shuffle(
+          tf.range(src.num_examples, dtype=tf.int64), key)
+      mine = tf.reshape(perm[:steps * global_batch_size],
+                        [steps, process_count, local])[:, process_index]
+      mine = tf.reshape(mine, [-1])[skip(epoch):]
+      return tf.data.Dataset.from_tensor_slices(mine).map(lambda i: (i, epoch))
+
+    def read(index):
+      return (*src.load(index), index)
+  else:
+    stream = src[0]
+
+    def epoch_refs(epoch):
+      key = augment.example_key(seed, epoch, _SHUFFLE_INDEX)
+      refs = stream.shuffle(shuffle_buffer, seed=tf.cast(key[0], tf.int64))
+      refs = refs.take(steps * local).skip(skip(epoch))
+      return refs.map(lambda *ref: (ref, epoch))
+
+    def read(ref):
+      data, label, uid = ref
+      return augment.decode_image(data), label, uid
+
+  refs = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_refs)
+  return refs, read
+
+
+def _eval_refs(src, data_cfg, global_batch_size, process_index, process_count):
+  """One pass over this process's share, padded with valid=False examples to
+  the same number of batches on every process. Returns (dataset of
+  (reference, valid), read function as in _train_refs)."""
+  local = global_batch_size // process_count
+  if isinstance(src, sources.IndexedSource):
+    n = src.num_examples
+    steps = math.ceil(n / global_batch_size)
+    mine = tf.reshape(tf.range(steps * global_batch_size, dtype=tf.int64),
+                      [steps, process_count, local])[:, process_index]
+    mine = tf.reshape(mine, [-1])
+    refs = tf.data.Dataset.from_tensor_slices((tf.minimum(mine, n - 1),
+                                               mine < n))
+
+    def read(index):
+      return (*src.load(index), index)
+  else:
+    stream = src[0]
+    steps = math.ceil(math.ceil(num_examples(data_cfg) / process_count) / local)
+    pad = stream.take(1).map(lambda *ref: (ref, False)).repeat()
+    refs = stream.map(lambda *ref: (ref, True)).concatenate(pad)
+    refs = refs.take(steps * local)
+
+    def read(ref):
+      data, label, uid = ref
+      return augment.decode_image(data), label, uid
+  return refs, read
+
+
+def make_iterator(data_cfg, global_batch_size, *, seed, start_step=0,
+                  process_index=0, process_count=1, train=True,
+                  with_index=False):
+  """Iterator of this process's batches, as dicts of numpy arrays.
+
+  'image': float32 (L, S, S, 3) NHWC, ImageNet-normalised; 'label': int32
+  (L,); with `with_index`, 'index': int64 (L,) example identity (TFDS: hash
+  of tfds_id). Training is infinite; batch k of an iterator started at
+  `start_step` is batch start_step + k of an uninterrupted one. Evaluation
+  (train=False) is one in-order pass with the eval transform and an extra
+  bool 'valid' (L,) that is False on padding; start_step is ignored there.
+  """
+  local = _local_batch(global_batch_size, process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in '
+                     f'[0, process_count={process_count})')
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}')
+  size = int(_field(data_cfg, 'image_size'))
+  src = _source(data_cfg, process_index, process_count, drop_remainder=train)
+
+  if train:
+    steps = _train_steps(src, global_batch_size, process_count)
+    refs, read = _train_refs(src, seed, steps, global_batch_size,
+                             process_index, process_count, start_step,
+                             int(_field(data_cfg, 'shuffle_buffer')))
+
+    def example(ref, epoch):
+      image, label, index = read(ref)
+      key = augment.example_key(seed, epoch, index)
+      out = {'image': augment.train_transform(image, key, size),
+             'label': label}
+      if with_index:
+        out['index'] = index
+      return out
+  else:
+    refs, read = _eval_refs(src, data_cfg, global_batch_size, process_index,
+                            process_count)
+
+    def example(ref, valid):
+      image, label, index = read(ref)
+      out = {'image': augment.eval_transform(image, size), 'label': label,
+             'valid': valid}
+      if with_index:
+        out['index'] = index
+      return out
+
+  ds = refs.map(example, num_parallel_calls=_AUTOTUNE, deterministic=True)
+  ds = ds.batch(local, drop_remainder=True).prefetch(_AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options).as_numpy_iterator()

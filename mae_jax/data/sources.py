@@ -1,0 +1,147 @@
+"""Example sources: embedded sample photos, an image folder, or a TFDS dataset.
+
+`embedded` and `folder` are indexed (any example readable by its index, in a
+stable sorted order); `tfds_share` streams one process's share of a split.
+Labels are int32; images come out as uint8 (H, W, 3).
+"""
+import dataclasses
+import functools
+import importlib.resources
+import math
+from typing import Callable
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mae_jax.data import augment
+
+# Photographs shipped inside the scikit-image wheel (no download needed);
+# synthetic images (chessboard, color, logo, phantom, horse) are left out.
+EMBEDDED_FILES = (
+    'astronaut.png', 'brick.png', 'camera.png', 'cell.png', 'chelsea.png',
+    'clock_motion.png', 'coffee.png', 'coins.png', 'grass.png', 'gravel.png',
+    'hubble_deep_field.jpg', 'ihc.png', 'microaneurysms.png', 'moon.png',
+    'motorcycle_left.png', 'motorcycle_right.png', 'page.png', 'retina.jpg',
+    'rocket.jpg', 'text.png')
+MIN_EMBEDDED_EPOCH = 256  # default repeats make an epoch at least this long
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexedSource:
+  """`num_examples` examples; `load(index)` -> (uint8 (H, W, 3), int32 label)
+  for an int64 scalar index in [0, num_examples)."""
+  num_examples: int
+  num_classes: int
+  load: Callable
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_pixels():
+  """Decodes EMBEDDED_FILES once: int64 shapes (n, 3), sizes (n,), starts
+  (n,) into uint8 pixels, the flat concatenation of all photos."""
+  folder_path = importlib.resources.files('skimage') / 'data'
+  images = []
+  for name in EMBEDDED_FILES:
+    path = folder_path / name
+    if not path.is_file():
+      raise FileNotFoundError(f'embedded image {str(path)!r} is missing from '
+                              'the installed scikit-image')
+    images.append(augment.decode_image(path.read_bytes()))
+  shapes = tf.constant([im.shape for im in images], tf.int64)
+  sizes = tf.reduce_prod(shapes, axis=1)
+  starts = tf.cumsum(sizes, exclusive=True)
+  pixels = tf.concat([tf.reshape(im, [-1]) for im in images], axis=0)
+  return shapes, sizes, starts, pixels
+
+
+def embedded(repeats=None):
+  """scikit-image's bundled photos, decoded once and held in memory.
+
+  Example i is photo i % n with label i % n (n = len(EMBEDDED_FILES)); each of
+  the `repeats` copies gets its own random crop. Default repeats: the fewest
+  giving at least MIN_EMBEDDED_EPOCH examples.
+  """
+  n = len(EMBEDDED_FILES)
+  if repeats is None:
+    repeats = math.ceil(MIN_EMBEDDED_EPOCH / n)
+  if repeats < 1:
+    raise ValueError(f'data.repeats must be >= 1, got {repeats}')
+  shapes, sizes, starts, pixels = _embedded_pixels()
+
+  def load(index):
+    k = index % n
+    flat = pixels[starts[k]:starts[k] + sizes[k]]
+    return tf.reshape(flat, shapes[k]), tf.cast(k, tf.int32)
+
+  return IndexedSource(n * repeats, n, load)
+
+
+def folder(data_dir, split):
+  """Images under `data_dir/split/CLASS/*.{jpg,jpeg,png,bmp,gif}`.
+
+  Labels are the index of CLASS among the sorted class directories; examples
+  are sorted by (class, file name). Works on any tf.io.gfile path (gs://...).
+  """
+  if not data_dir:
+    raise ValueError("data.data_dir must be set for data.name='folder'")
+  root = tf.io.gfile.join(data_dir, split)
+  if not tf.io.gfile.isdir(root):
+    raise FileNotFoundError(
+        f'image folder {root!r} does not exist '
+        f'(data.data_dir={data_dir!r}, data.split={split!r})')
+  classes = sorted(c for c in tf.io.gfile.listdir(root)
+                   if tf.io.gfile.isdir(tf.io.gfile.join(root, c)))
+  if not classes:
+    raise ValueError(f'image folder {root!r} has no class sub-directories')
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    class_dir = tf.io.gfile.join(root, name.rstrip('/'))
+    for f in sorted(tf.io.gfile.listdir(class_dir)):
+      if f.lower().endswith(IMAGE_EXTENSIONS):
+        paths.append(tf.io.gfile.join(class_dir, f))
+        labels.append(label)
+  if not paths:
+    raise ValueError(f'image folder {root!r} holds no files ending in '
+                     f'{", ".join(IMAGE_EXTENSIONS)} in its class directories')
+  paths = tf.constant(paths)
+  labels = tf.constant(labels, tf.int32)
+
+  def load(index):
+    return augment.decode_image(tf.io.read_file(paths[index])), labels[index]
+
+  return IndexedSource(len(labels), len(classes), load)
+
+
+def tfds_builder(name, data_dir):
+  """tfds builder by name; an unknown name is a ValueError naming it."""
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError as e:
+    raise ValueError(f"unknown dataset data.name={name!r}: not 'embedded', "
+                     "'folder' nor a TFDS dataset") from e
+
+
+def tfds_share(builder, split, process_index, process_count, *,
+               drop_remainder, image_key='image', label_key='label'):
+  """One process's share of a TFDS split, read in a fixed order.
+
+  Shares come from tfds.even_splits; with drop_remainder they are all the
+  same size. Returns (dataset of (encoded bytes, int32 label, int64 id),
+  share size); id is a hash of the example's tfds_id, unique in practice.
+  """
+  share = tfds.even_splits(split, n=process_count,
+                           drop_remainder=drop_remainder)[process_index]
+  ds = builder.as_dataset(
+      split=share, shuffle_files=False,
+      decoders={image_key: tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(add_tfds_id=True))
+  size = int(ds.cardinality())
+  if size < 0:
+    raise ValueError(f'size of {builder.name} split {share} is unknown')
+
+  def unpack(ex):
+    uid = tf.strings.to_hash_bucket_fast(ex['tfds_id'], 2**62)
+    return ex[image_key], tf.cast(ex[label_key], tf.int32), uid
+
+  return ds.map(unpack), size

@@ -1,0 +1,83 @@
+"""Progress lines, JSON-lines and TensorBoard metrics, figures.
+
+Only the active process (process 0) writes; every process checks values.
+"""
+import json
+import math
+import os
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+
+class NonFiniteError(FloatingPointError):
+  """Loss or gradient norm turned NaN or Inf."""
+
+
+class Monitor:
+  """Writes `metrics.jsonl`, TensorBoard events and figures in the workdir."""
+
+  def __init__(self, workdir, total_steps, config, active=True):
+    self.workdir, self.total, self.active = workdir, total_steps, active
+    self.images_per_step = config.batch_size * config.accum_iter
+    self.start_time, self.last = time.time(), None
+    self.tb = self.jsonl = None
+    if active:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+
+  def note(self, text):
+    if self.active:
+      print(text, flush=True)
+
+  def check_finite(self, step, metrics, last_good=None):
+    """Stops the run when the loss or gradient norm of `step` is not finite."""
+    values = {k: float(np.asarray(metrics[k])) for k in ('loss', 'grad_norm')}
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+      where = (f'the last good checkpoint is step {last_good}'
+               if last_good is not None else 'no checkpoint was written yet')
+      raise NonFiniteError(
+          f'non-finite {", ".join(f"{k}={v}" for k, v in bad.items())} at '
+          f'update {step}; {where}. Lower config.blr, check the data, or '
+          'train in float32.')
+
+  def log(self, step, metrics):
+    """Progress line (bar, loss, lr, img/s, ETA) and metric records."""
+    now = time.time()
+    if self.last is None:
+      rate = float('nan')
+    else:
+      rate = (step - self.last[0]) * self.images_per_step / (now - self.last[1])
+    self.last = (step, now)
+    record = {'step': step, **{k: float(v) for k, v in metrics.items()},
+              'img_per_s': rate, 'elapsed_s': now - self.start_time}
+    if not self.active:
+      return record
+    bar = tqdm.format_meter(step, self.total, now - self.start_time, ncols=60)
+    print(f'{bar} loss {record["loss"]:.4f} lr {record["lr"]:.2e} '
+          f'{rate:.1f} img/s', flush=True)
+    self.jsonl.write(json.dumps(record) + '\n')
+    self.jsonl.flush()
+    for k, v in record.items():
+      if k != 'step' and math.isfinite(v):
+        self.tb.add_scalar(f'train/{k}', v, step)
+    return record
+
+  def figure(self, step, imgs, pred, mask, patch_size, norm_pix_loss):
+    if not self.active:
+      return None
+    from mae_jax.visualize import save_reconstruction_figure
+    path = os.path.join(self.workdir, 'figures', f'step_{step:07d}.png')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_reconstruction_figure(path, imgs, pred, mask, patch_size,
+                               norm_pix_loss, title=f'step {step}')
+    print(f'figure: {path}', flush=True)
+    return path
+
+  def close(self):
+    if self.active:
+      self.tb.close()
+      self.jsonl.close()

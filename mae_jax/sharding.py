@@ -1,0 +1,81 @@
+"""Device mesh from the config and a rule table mapping arrays to shardings.
+
+Mesh axes are ('data', 'fsdp'). Batches are split over both axes; parameters
+and optimizer state are replicated or sharded over 'fsdp' by a rule table of
+(regex on the '/'-joined path, rule) pairs, first match wins:
+  'fsdp'       shard the largest dimension divisible by the fsdp axis size;
+  'replicate'  keep a full copy on every device.
+"""
+import re
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from mae_jax.tree import map_with_name
+
+AXES = ('data', 'fsdp')
+BATCH_SPEC = P(AXES)
+DEFAULT_RULES = (('.*', 'fsdp'),)
+
+
+def make_mesh(mesh_shape, devices=None):
+  """(data, fsdp) mesh; one entry may be -1 (all remaining devices)."""
+  devices = jax.devices() if devices is None else devices
+  shape = list(mesh_shape)
+  if len(shape) != 2:
+    raise ValueError(f'mesh={tuple(mesh_shape)} must have two entries '
+                     '(data, fsdp)')
+  if shape.count(-1) > 1:
+    raise ValueError(f'mesh={tuple(mesh_shape)} may hold at most one -1')
+  if -1 in shape:
+    known = int(np.prod([s for s in shape if s != -1]))
+    if len(devices) % known:
+      raise ValueError(f'mesh={tuple(mesh_shape)} does not divide the '
+                       f'{len(devices)} devices')
+    shape[shape.index(-1)] = len(devices) // known
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f'mesh={tuple(mesh_shape)} needs {int(np.prod(shape))} '
+                     f'devices but {len(devices)} are present; use -1 for '
+                     'one axis to take the rest')
+  return jax.make_mesh(tuple(shape), AXES, devices=devices,
+                       axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def _spec_for(name, shape, fsdp_size, rules):
+  for pattern, rule in rules:
+    if re.search(pattern, name):
+      break
+  else:
+    rule = 'replicate'
+  if rule == 'replicate' or fsdp_size == 1:
+    return P()
+  if rule != 'fsdp':
+    raise ValueError(f'unknown sharding rule {rule!r} for {name}; '
+                     "use 'fsdp' or 'replicate'")
+  candidates = [i for i, d in enumerate(shape) if d % fsdp_size == 0]
+  if not candidates:
+    return P()
+  axis = max(candidates, key=lambda i: shape[i])
+  return P(*[('fsdp' if i == axis else None) for i in range(len(shape))])
+
+
+def tree_shardings(mesh, tree, rules=DEFAULT_RULES):
+  """NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs)."""
+  fsdp_size = mesh.shape['fsdp']
+  return map_with_name(
+      lambda name, x: NamedSharding(
+          mesh, _spec_for(name, np.shape(x), fsdp_size, rules)), tree)
+
+
+def batch_sharding(mesh):
+  """Leading (batch) dimension split over all devices of the mesh."""
+  return NamedSharding(mesh, BATCH_SPEC)
+
+
+def global_batch(mesh, local_batch):
+  """Process-local NumPy batch (dict of arrays) -> global jax.Arrays."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x),
+      local_batch)
