@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     'pillow>=11.0,<14',
     'matplotlib>=3.9,<3.12',
     'tqdm>=4.66,<5',
+    'tensorboardX>=2.6,<2.7',
     'scikit-image>=0.25,<0.27',
     'tensorflow-cpu>=2.21.0,<2.22',
     'tensorflow-datasets>=4.9.10,<4.10',

@@ -1,9 +1,12 @@
 """mae_jax: Masked Autoencoders (He et al. 2021) in JAX/Flax.
 
-Public API: model constructors by name and `create_model`.
+Public API: model constructors by name, `create_model`, `load` / `save` of
+checkpoint directories (converted files and training workdirs alike); the
+PyTorch converter lives in `mae_jax.convert`.
 """
 import functools
 
+from mae_jax.checkpoint import load, save
 from mae_jax.models import MAE_CONFIGS, VIT_CONFIGS, create_model
 
 __version__ = '0.1.0'
@@ -18,7 +21,7 @@ vit_large_patch16 = functools.partial(create_model, 'vit_large_patch16')
 vit_huge_patch14 = functools.partial(create_model, 'vit_huge_patch14')
 
 __all__ = [
-    'create_model', 'MAE_CONFIGS', 'VIT_CONFIGS',
+    'create_model', 'load', 'save', 'MAE_CONFIGS', 'VIT_CONFIGS',
     'mae_vit_tiny_patch8', 'mae_vit_base_patch16', 'mae_vit_large_patch16',
     'mae_vit_huge_patch14', 'vit_tiny_patch8', 'vit_base_patch16',
     'vit_large_patch16', 'vit_huge_patch14',

@@ -1,5 +1,6 @@
 """End-to-end pretraining runs of the `tiny` config through train.py."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from mae_jax import checkpoint
+from configs import pretrain
+from mae_jax import checkpoint, sharding, trainer
+from mae_jax.config_check import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ['--config.batch_size=8', '--config.total_steps=12',
@@ -66,18 +69,36 @@ def test_killed_run_resumes_to_bitwise_equal_parameters(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, _params(killed), _params(full))
 
 
-@pytest.mark.parametrize('override,message', [
-    ('--config.data.image_size=60', 'config.data.image_size=60'),
-    ('--config.mask_ratio=1.0', 'config.mask_ratio=1.0'),
-    ('--config.batch_size=7', 'config.batch_size=7'),
-    ('--config.model=mae_vit_small', "config.model='mae_vit_small'"),
-    ('--config.data.name=folder', 'config.data.data_dir is required'),
-    ('--config.data.name=no_such_dataset', 'config.data.data_dir is required'),
+@pytest.mark.parametrize('field,value,message', [
+    ('data.image_size', 60, 'config.data.image_size=60'),
+    ('mask_ratio', 1.0, 'config.mask_ratio=1.0'),
+    ('mask_ratio', 0.0, 'config.mask_ratio=0.0'),
+    ('batch_size', 7, 'config.batch_size=7'),
+    ('model', 'mae_vit_small', "config.model='mae_vit_small'"),
+    ('data.name', 'folder', 'config.data.data_dir is required'),
+    ('data.name', 'no_such_dataset', 'config.data.data_dir is required'),
 ])
-def test_bad_config_stops_before_compiling_with_one_line(tmp_path, override,
-                                                         message):
-  out = subprocess.run(_train_cmd(tmp_path / 'w', override), env=_env(8),
-                       capture_output=True, text=True, timeout=300)
+def test_bad_config_is_rejected_naming_the_field(field, value, message):
+  config = pretrain.get_config('tiny')
+  config.update_from_flattened_dict({field: value})
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    trainer.Trainer(config, '/nonexistent',
+                    sharding.make_mesh((-1, 1), jax.devices()[:8]))
+
+
+def test_unknown_tfds_name_is_named(tmp_path):
+  config = pretrain.get_config('tiny')
+  config.update_from_flattened_dict({'data.name': 'no_such_dataset',
+                                     'data.data_dir': str(tmp_path)})
+  with pytest.raises(ValueError, match='no_such_dataset'):
+    trainer.train(config, str(tmp_path / 'w'))
+
+
+def test_cli_prints_one_line_error_without_traceback(tmp_path):
+  out = subprocess.run(_train_cmd(tmp_path / 'w', '--config.mask_ratio=1.5'),
+                       env=_env(8), capture_output=True, text=True,
+                       timeout=300)
   assert out.returncode == 2, out.stderr[-2000:]
-  assert message in out.stderr
+  assert 'config.mask_ratio=1.5 must lie in the open interval (0, 1)' in (
+      out.stderr)
   assert 'Traceback' not in out.stderr

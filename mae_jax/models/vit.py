@@ -52,7 +52,8 @@ class VisionTransformer(nn.Module):
     cls = self.param('cls_token', nn.initializers.normal(0.02),
                      (1, 1, self.embed_dim), self.param_dtype)
     table = sincos_2d(self.embed_dim, self.grid_size)[None]
-    pos = self.param('pos_embed', lambda *_: jnp.asarray(table),
+    pos = self.param('pos_embed',
+                     lambda key, shape, dtype: jnp.asarray(table, dtype),
                      table.shape, self.param_dtype)
     x = jnp.concatenate(
         [jnp.broadcast_to(cls.astype(x.dtype), (n, 1, self.embed_dim)), x],

@@ -1,0 +1,158 @@
+"""mae_jax checkpoints: an orbax CheckpointManager root with two items.
+
+`params` holds the parameter tree and `model` the module
+description {"class": ..., "fields": {...}} (JsonSave), so `load` rebuilds the
+module without the caller naming it. Converted files are saved at step 0.
+`params` is written uncompressed by orbax's PyTree handler: the layout that
+StandardSave writes and StandardRestore reads, but without zstd, which gains
+little on float32 weights and doubled the peak memory of a conversion.
+"""
+import dataclasses
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from mae_jax.models import MaskedAutoencoder, VisionTransformer
+from mae_jax.torch_io import CheckpointError
+
+MODEL_CLASSES = {cls.__name__: cls
+                 for cls in (MaskedAutoencoder, VisionTransformer)}
+_NOT_SAVED = ('dtype', 'param_dtype', 'attention_impl', 'parent', 'name')
+
+
+def model_description(model):
+  """{"class": name, "fields": {...}} with the JSON-able dataclass fields."""
+  name = type(model).__name__
+  if name not in MODEL_CLASSES:
+    raise TypeError(f'cannot save a {name}; expected one of '
+                    f'{", ".join(MODEL_CLASSES)}')
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.name not in _NOT_SAVED}
+  return {'class': name, 'fields': fields}
+
+
+def build_model(description, **overrides):
+  """Inverse of `model_description`; overrides go to the constructor."""
+  cls = MODEL_CLASSES.get(description.get('class'))
+  if cls is None:
+    raise CheckpointError(f'unknown model class {description.get("class")!r}')
+  return cls(**{**description['fields'], **overrides})
+
+
+def abstract_params(model):
+  """ShapeDtypeStruct tree of the model's parameters (nothing allocated)."""
+  size, chans = model.img_size, getattr(model, 'in_chans', 3)
+  imgs = jax.ShapeDtypeStruct((1, size, size, chans), np.float32)
+  if isinstance(model, MaskedAutoencoder):
+    noise = jax.ShapeDtypeStruct((1, model.num_patches), np.float32)
+    init = lambda key, x, n: model.init(key, x, noise=n)
+    shapes = jax.eval_shape(init, jax.random.key(0), imgs, noise)
+  else:
+    shapes = jax.eval_shape(model.init, jax.random.key(0), imgs)
+  return shapes['params']
+
+
+def _temp_beside(path):
+  parent = os.path.dirname(os.path.abspath(path))
+  return os.path.join(parent, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
+
+
+def save(directory, model, variables, step=0):
+  """Writes model + params to a new orbax root `directory`, atomically.
+
+  `variables` is {'params': tree} or the params tree itself. The root is
+  written to a temporary sibling and renamed, so a failure leaves no
+  partial `directory`.
+  """
+  directory = os.fspath(directory)
+  if os.path.exists(directory):
+    raise CheckpointError(f'{directory}: already exists; remove it or choose '
+                          'another destination')
+  params = variables.get('params', variables)
+  params = jax.tree.map(np.asarray, params)
+  tmp = _temp_beside(directory)
+  shutil.rmtree(tmp, ignore_errors=True)
+  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False,
+                                         create=True)
+  try:
+    handlers = {'params': ocp.PyTreeCheckpointHandler(use_compression=False),
+                'model': ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(tmp, options=options,
+                               item_handlers=handlers) as mngr:
+      mngr.save(step, args=ocp.args.Composite(
+          params=ocp.args.PyTreeSave(params),
+          model=ocp.args.JsonSave(model_description(model))))
+    os.rename(tmp, directory)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _root(path):
+  """The orbax root for `path`: itself or its `checkpoints/` subdirectory."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path}: no such checkpoint directory')
+  if not os.path.isdir(path):
+    raise CheckpointError(f'{path}: is a file, not a mae_jax checkpoint '
+                          'directory (convert it with convert_torch_weights.py)')
+  sub = os.path.join(path, 'checkpoints')
+  return sub if os.path.isdir(sub) else path
+
+
+def is_checkpoint(path):
+  """True when `path` (or path/checkpoints) holds a step with a model item."""
+  try:
+    root = _root(path)
+  except CheckpointError:
+    return False
+  return any(os.path.isdir(os.path.join(root, d, 'model'))
+             for d in os.listdir(root) if d.isdigit())
+
+
+def load(path, step=None, **overrides):
+  """Restores (model, {'params': tree of NumPy arrays}) from `path`.
+
+  `path` is an orbax root written by `save` or a training workdir whose
+  `checkpoints/` is one; the newest step is used unless `step` is given.
+  Overrides (e.g. dtype=jnp.bfloat16) go to the module constructor.
+  """
+  root = _root(path)
+  if not is_checkpoint(path):
+    raise CheckpointError(f'{path}: not a mae_jax checkpoint (no step '
+                          'directory with a "model" item)')
+  options = ocp.CheckpointManagerOptions(create=False)
+  with ocp.CheckpointManager(root, options=options,
+                             item_names=('params', 'model')) as mngr:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'{path}: no finished checkpoint step')
+    description = mngr.restore(
+        step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))['model']
+    model = build_model(description, **overrides)
+    expected = abstract_params(model)
+    restore_args = jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), expected)
+    try:
+      params = mngr.restore(step, args=ocp.args.Composite(
+          params=ocp.args.PyTreeRestore(item=expected,
+                                        restore_args=restore_args)))['params']
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise CheckpointError(f'{path}: parameters do not match '
+                            f'{description["class"]}: {e}') from None
+  _check_shapes(path, expected, params)
+  return model, {'params': params}
+
+
+def _check_shapes(path, expected, params):
+  want = traverse_util.flatten_dict(expected, sep='/')
+  got = traverse_util.flatten_dict(params, sep='/')
+  bad = [f'{k}: {got[k].shape} != {want[k].shape}' for k in want
+         if k in got and tuple(got[k].shape) != tuple(want[k].shape)]
+  missing = sorted(set(want) - set(got))
+  if bad or missing:
+    raise CheckpointError(f'{path}: parameter mismatch; missing: {missing}; '
+                          f'wrong shape: {bad}')
