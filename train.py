@@ -1,7 +1,11 @@
-"""MAE pretraining from the command line.
+"""MAE pretraining, fine-tuning and linear probing from the command line.
 
   python train.py --config configs/pretrain.py:tiny --workdir runs/tiny \
       [--config.key=value ...]
+  python train.py --config configs/finetune.py:base --workdir runs/ft \
+      --config.init_from=mae_pretrain_vit_base.pth
+  python train.py --config configs/linprobe.py:base --workdir runs/lp \
+      --config.init_from=runs/base
 
 A workdir that holds a checkpoint is resumed automatically. Multi-host:
 pass --coordinator_address/--num_processes/--process_id, or --distributed
@@ -28,7 +32,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
   import jax
-  from mae_jax import trainer
+  from mae_jax import classify, trainer
   from mae_jax.config_check import ConfigError
 
   if FLAGS.num_processes > 1:
@@ -37,7 +41,8 @@ def main(argv):
   elif FLAGS.distributed:
     jax.distributed.initialize()
   try:
-    trainer.train(FLAGS.config, FLAGS.workdir)
+    run = trainer.train if FLAGS.config.task == 'pretrain' else classify.train
+    run(FLAGS.config, FLAGS.workdir)
   except (ConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -29,6 +29,7 @@ def get_config(arg='tiny'):
       log_every_steps=100, figure_every_steps=5000)
   v.update(VARIANTS[arg])
   c = ml_collections.ConfigDict()
+  c.task = 'pretrain'
   c.variant = arg
   c.model = v['model']
   c.mask_ratio = 0.75

@@ -66,6 +66,17 @@ class Monitor:
         self.tb.add_scalar(f'train/{k}', v, step)
     return record
 
+  def log_eval(self, step, result):
+    """Evaluation line and records (top-1 / top-5 in %)."""
+    if not self.active:
+      return
+    print(f'eval at step {step}: top-1 {result["top1"]:.2f}% top-5 '
+          f'{result["top5"]:.2f}% on {result["count"]} images', flush=True)
+    self.jsonl.write(json.dumps({'step': step, 'eval': result}) + '\n')
+    self.jsonl.flush()
+    for k in ('top1', 'top5'):
+      self.tb.add_scalar(f'eval/{k}', result[k], step)
+
   def figure(self, step, imgs, pred, mask, patch_size, norm_pix_loss):
     if not self.active:
       return None

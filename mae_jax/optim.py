@@ -6,6 +6,7 @@ reference evaluates its schedule once per accumulated step.
 """
 import re
 
+import jax
 import optax
 
 from mae_jax.tree import map_with_name
@@ -43,6 +44,66 @@ def pretrain_optimizer(schedule, weight_decay, params, b1=0.9, b2=0.95,
   `accum_iter` micro-batches by optax.MultiSteps (gradients averaged)."""
   tx = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay,
                    mask=decay_mask(params))
+  if accum_iter > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum_iter)
+  return tx
+
+
+def layer_id(name, depth):
+  """Layer index for layer-wise lr decay: 0 for cls_token, pos_embed and
+  patch_embed; i + 1 for blocks_i; depth + 1 for the rest (norms, head)."""
+  top = name.split('/')[0]
+  if top in ('cls_token', 'pos_embed', 'patch_embed'):
+    return 0
+  if top.startswith('blocks_'):
+    return int(top[len('blocks_'):]) + 1
+  return depth + 1
+
+
+def layer_scales(params, depth, layer_decay):
+  """lr scale per parameter: layer_decay ** (depth + 1 - layer_id)."""
+  return map_with_name(
+      lambda name, _: layer_decay ** (depth + 1 - layer_id(name, depth)),
+      params)
+
+
+FINETUNE_NO_DECAY = (r'^pos_embed$', r'^cls_token$')
+
+
+def finetune_optimizer(schedule, weight_decay, params, depth, layer_decay,
+                       b1=0.9, b2=0.999, clip_grad=None, accum_iter=1):
+  """AdamW with layer-wise lr decay (MAE_SPEC section 7): each parameter's
+  update, weight decay included, is scaled by its layer's lr scale. No decay
+  for 1-D parameters, pos_embed and cls_token. Optional global-norm clipping
+  of the gradient."""
+  scales = layer_scales(params, depth, layer_decay)
+  tx = optax.chain(
+      *([optax.clip_by_global_norm(clip_grad)] if clip_grad else []),
+      optax.scale_by_adam(b1=b1, b2=b2),
+      optax.add_decayed_weights(weight_decay,
+                                decay_mask(params, FINETUNE_NO_DECAY)),
+      optax.stateless(lambda updates, _: jax.tree.map(
+          lambda u, s: u * s, updates, scales)),
+      optax.scale_by_learning_rate(schedule))
+  if accum_iter > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum_iter)
+  return tx
+
+
+def lars(schedule, params, weight_decay=0.0, momentum=0.9,
+         trust_coefficient=0.001, accum_iter=1):
+  """LARS as in the MAE linear probe: for parameters of rank > 1,
+  g <- g + wd * p, then g <- g * trust * |p| / |g| (1 where a norm is 0);
+  mu <- momentum * mu + g; p <- p - lr * mu. Parameters of rank <= 1 skip
+  decay and adaptation."""
+  adapt = map_with_name(lambda _, x: x.ndim > 1, params)
+  tx = optax.chain(
+      optax.add_decayed_weights(weight_decay, adapt),
+      optax.masked(
+          optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient),
+          adapt),
+      optax.trace(decay=momentum),
+      optax.scale_by_learning_rate(schedule))
   if accum_iter > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accum_iter)
   return tx

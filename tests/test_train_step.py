@@ -31,8 +31,14 @@ def _one_update(config, mesh_shape, images_list):
   t = trainer.Trainer(config, '/nonexistent', mesh)
   t.setup(steps_per_epoch=10)
   state = t.init_state()
+  init = jax.device_get(state['params'])
   batches = [sharding.global_batch(mesh, x) for x in images_list]
-  state, metrics = t.run_update(state, batches, step=3)
+  # The first update runs at lr 0 (warmup starts at 0): take two.
+  for step in range(2):
+    state, metrics = t.run_update(state, batches, step=step)
+  moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(),
+                       state['params'], init)
+  assert min(jax.tree.leaves(moved)) > 0  # every parameter was updated
   return state, metrics
 
 

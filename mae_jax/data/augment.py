@@ -1,20 +1,36 @@
-"""Per-example transforms in TensorFlow: decode, RandomResizedCrop, flip,
-normalise (MAE_SPEC section 6), and the eval resize + center crop.
+"""Per-example transforms in TensorFlow: decode, the three training recipes
+(MAE_SPEC sections 6-8) and the eval resize + center crop.
+
+  'pretrain': RandomResizedCrop(scale 0.2-1) + flip + normalise.
+  'finetune': RandomResizedCrop(scale 0.08-1) + flip + RandAugment
+      rand-m9-mstd0.5-inc1 + normalise + random erasing (p=0.25, pixel mode).
+  'linprobe': single-draw RandomResizedCrop (scale 0.08-1) + flip + normalise.
 
 Every random draw is a stateless op keyed by `example_key(seed, epoch, index)`,
 so an example's augmentation does not depend on parallelism or on resuming.
 Images are uint8 (H, W, 3) in; float32 (size, size, 3) normalised out.
+'finetune', 'linprobe' and eval resize with `resize_bicubic_pil`, which
+reproduces PIL's uint8 bicubic resize (as the PyTorch reference does).
 """
 import math
 
 import tensorflow as tf
+
+from mae_jax.data import randaugment
 
 MEAN_RGB = (0.485, 0.456, 0.406)  # ImageNet statistics of [0, 1] pixels
 STD_RGB = (0.229, 0.224, 0.225)
 CROP_PCT = 0.875  # eval: resize shorter side to int(size / CROP_PCT)
 SCALE = (0.2, 1.0)  # RandomResizedCrop area fraction (MAE pretraining)
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio w / h
+FINETUNE_SCALE = (0.08, 1.0)  # RandomResizedCrop area fraction (fine-tune,
+                              # linear probe)
+ERASE_PROB = 0.25  # random erasing probability (fine-tune)
+ERASE_AREA = (0.02, 1 / 3)  # erased area fraction
+ERASE_RATIO = (0.3, 1 / 0.3)  # erased aspect ratio h / w (log-uniform)
+TRAIN_AUGMENTS = ('pretrain', 'finetune', 'linprobe')
 _TRIES = 10  # torchvision's number of area/ratio draws before the fallback
+_PIL_BITS = 22  # PIL's fixed-point precision of 8-bit resampling weights
 
 
 def example_key(seed, epoch, index):
@@ -81,26 +97,207 @@ def _resize_bicubic(image, height, width):
   return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def train_transform(image, key, size, scale=SCALE, ratio=RATIO):
-  """RandomResizedCrop(size, bicubic) + horizontal flip (p=0.5) + normalise.
+def _pil_bicubic_taps(in_size, out_size, start, count):
+  """PIL's 8-bit bicubic (a = -0.5) taps for outputs [start, start + count)
+  of an in_size -> out_size resize; the kernel is widened by in/out when
+  downsampling. Returns int32 (count, K) input indices and int32 (count, K)
+  weights in units of 2**-22 (taps past the edge weigh 0)."""
+  in_f = tf.cast(in_size, tf.float64)
+  scale = in_f / tf.cast(out_size, tf.float64)
+  filter_scale = tf.maximum(scale, 1.0)
+  support = 2.0 * filter_scale
+  taps = 2 * tf.cast(tf.math.ceil(support), tf.int32) + 1
+  center = (tf.cast(tf.range(start, start + count), tf.float64) + 0.5) * scale
+  lo = tf.maximum(tf.floor(center - support + 0.5), 0.0)
+  hi = tf.minimum(tf.floor(center + support + 0.5), in_f)
+  pos = lo[:, None] + tf.cast(tf.range(taps), tf.float64)[None]
+  x = tf.abs((pos - center[:, None] + 0.5) * (1.0 / filter_scale))
+  w = tf.where(x < 1.0, (1.5 * x - 2.5) * x * x + 1.0,
+               tf.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5, 0.0))
+  w = tf.where(pos < hi[:, None], w, 0.0)
+  w = w / tf.reduce_sum(w, axis=1, keepdims=True) * 2.0**_PIL_BITS
+  w = tf.where(w < 0, tf.math.ceil(w - 0.5), tf.floor(w + 0.5))  # as C (int)
+  index = tf.cast(tf.minimum(pos, in_f - 1.0), tf.int32)
+  return index, tf.cast(w, tf.int32)
 
-  uint8 (H, W, 3) -> float32 (size, size, 3).
-  """
+
+def _pil_pass(x, index, weight):
+  """One uint8 resampling pass in PIL's fixed point along the rows of int32
+  x (N, M), taps from _pil_bicubic_taps -> int32 (n, M) in [0, 255]."""
+  total = tf.reduce_sum(tf.gather(x, index) * weight[:, :, None], axis=1)
+  return tf.clip_by_value((total + 2**(_PIL_BITS - 1)) // 2**_PIL_BITS, 0, 255)
+
+
+def resize_bicubic_pil(image, height, width, window=None):
+  """PIL `Image.resize((width, height), BICUBIC)` of a uint8 image, exactly:
+  horizontal then vertical pass with 22-bit fixed-point weights and uint8
+  rounding in between. `window` (top, left, h, w) returns only that part of
+  the resized image (computed alone). (H, W, C) -> float32 (h, w, C) whole
+  numbers in [0, 255]."""
+  image = tf.cast(image, tf.int32)
+  shape = tf.shape(image)
+  top, left, out_h, out_w = window if window is not None else (
+      0, 0, height, width)
+  row_index, row_weight = _pil_bicubic_taps(shape[0], height, top, out_h)
+  col_index, col_weight = _pil_bicubic_taps(shape[1], width, left, out_w)
+  first, last = tf.reduce_min(row_index), tf.reduce_max(row_index)
+  image = image[first:last + 1]
+  rows = last + 1 - first
+  # Passes gather whole rows: columns first as (W, rows * C), then rows.
+  x = tf.reshape(tf.transpose(image, [1, 0, 2]), [shape[1], -1])
+  x = _pil_pass(x, col_index, col_weight)
+  x = tf.reshape(tf.transpose(tf.reshape(x, [out_w, rows, shape[2]]),
+                              [1, 0, 2]), [rows, -1])
+  x = _pil_pass(x, row_index - first, row_weight)
+  return tf.cast(tf.reshape(x, [out_h, out_w, shape[2]]), tf.float32)
+
+
+def _random_flip(image, key):
+  """Horizontal flip of (H, W, C) with probability 0.5."""
+  flip = tf.random.stateless_uniform([], key) < 0.5
+  return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+
+
+def _crop(image, box):
+  top, left, crop_h, crop_w = box
+  return image[top:top + crop_h, left:left + crop_w]
+
+
+def train_transform(image, key, size, scale=SCALE, ratio=RATIO):
+  """'pretrain': RandomResizedCrop(size, bicubic) + horizontal flip (p=0.5) +
+  normalise. uint8 (H, W, 3) -> float32 (size, size, 3)."""
   image = tf.convert_to_tensor(image)
   k_box, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
   shape = tf.shape(image)
-  top, left, crop_h, crop_w = sample_crop_box(k_box, shape[0], shape[1],
-                                              scale, ratio)
-  crop = image[top:top + crop_h, left:left + crop_w]
+  crop = _crop(image, sample_crop_box(k_box, shape[0], shape[1], scale, ratio))
   crop = _resize_bicubic(crop, size, size)
-  flip = tf.random.stateless_uniform([], k_flip) < 0.5
-  crop = tf.cond(flip, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
-  return normalize(crop)
+  return normalize(_random_flip(crop, k_flip))
+
+
+def train_transform_jpeg(data, key, size, scale=SCALE, ratio=RATIO):
+  """train_transform of encoded image bytes (string scalar), with the same
+  random draws; a JPEG decodes only the crop window, sampled from its header
+  shape. Pixels equal a full decode's except on the window's last column,
+  where libjpeg's chroma upsampling lacks the outer neighbour."""
+  k_box, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+
+  def jpeg():
+    shape = tf.io.extract_jpeg_shape(data)
+    box = sample_crop_box(k_box, shape[0], shape[1], scale, ratio)
+    return tf.io.decode_and_crop_jpeg(data, tf.stack(box), channels=3)
+
+  def other():
+    image = decode_image(data)
+    shape = tf.shape(image)
+    return _crop(image, sample_crop_box(k_box, shape[0], shape[1], scale,
+                                        ratio))
+
+  crop = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+  crop = _resize_bicubic(crop, size, size)
+  return normalize(_random_flip(crop, k_flip))
+
+
+def random_erase(image, key, prob=ERASE_PROB, area=ERASE_AREA,
+                 ratio=ERASE_RATIO):
+  """Random erasing, 'pixel' mode, one rectangle: with probability `prob`,
+  fills a box with per-pixel standard-normal noise. Box: area fraction
+  ~ U(area), aspect h / w log-uniform in `ratio`, h and w rounded; the first
+  of 10 draws with h < H and w < W is kept (none: no erasing); offsets
+  uniform. float32 (H, W, C) normalised -> same."""
+  k_apply, k_area, k_ratio, k_offset, k_noise = tf.unstack(
+      tf.random.experimental.stateless_split(key, 5))
+  shape = tf.shape(image)
+  h_img = tf.cast(shape[0], tf.float32)
+  w_img = tf.cast(shape[1], tf.float32)
+  target = h_img * w_img * tf.random.stateless_uniform(
+      [_TRIES], k_area, minval=area[0], maxval=area[1])
+  aspect = tf.exp(tf.random.stateless_uniform(
+      [_TRIES], k_ratio, minval=math.log(ratio[0]), maxval=math.log(ratio[1])))
+  h = tf.round(tf.sqrt(target * aspect))
+  w = tf.round(tf.sqrt(target / aspect))
+  fits = (h >= 1) & (h < h_img) & (w >= 1) & (w < w_img)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  h, w = h[first], w[first]
+  u_top, u_left = tf.unstack(tf.random.stateless_uniform([2], k_offset))
+  top = tf.floor(u_top * (h_img - h + 1))
+  left = tf.floor(u_left * (w_img - w + 1))
+  rows = tf.cast(tf.range(shape[0]), tf.float32)[:, None, None]
+  cols = tf.cast(tf.range(shape[1]), tf.float32)[None, :, None]
+  inside = ((rows >= top) & (rows < top + h) & (cols >= left)
+            & (cols < left + w))
+  erase = tf.reduce_any(fits) & (
+      tf.random.stateless_uniform([], k_apply) < prob)
+  noise = tf.random.stateless_normal(shape, k_noise, dtype=image.dtype)
+  return tf.where(inside & erase, noise, image)
+
+
+def finetune_transform(image, key, size):
+  """'finetune': RandomResizedCrop(size, scale (0.08, 1), bicubic as PIL) +
+  flip + RandAugment rand-m9-mstd0.5-inc1 + normalise + random erasing
+  (p=0.25, pixel mode). uint8 (H, W, 3) -> float32 (size, size, 3)."""
+  image = tf.convert_to_tensor(image)
+  k_box, k_flip, k_aug, k_erase = tf.unstack(
+      tf.random.experimental.stateless_split(key, 4))
+  shape = tf.shape(image)
+  box = sample_crop_box(k_box, shape[0], shape[1], FINETUNE_SCALE, RATIO)
+  crop = resize_bicubic_pil(_crop(image, box), size, size)
+  crop = _random_flip(tf.cast(crop, tf.uint8), k_flip)
+  crop = randaugment.rand_augment(crop, k_aug)
+  return random_erase(normalize(crop), k_erase)
+
+
+def sample_crop_box_single(key, height, width, scale=FINETUNE_SCALE,
+                           ratio=RATIO):
+  """TF-style RandomResizedCrop box from ONE draw (no retries, no fallback).
+
+  Area fraction a ~ U(scale), aspect r log-uniform in `ratio`;
+  w = round(sqrt(a H W r)), h = round(sqrt(a H W / r)), each then clipped to
+  [1, image side] (so a box that does not fit keeps the full side and loses
+  its aspect); top ~ U{0..H-h}, left ~ U{0..W-w}. Returns int32 scalars
+  (top, left, crop_height, crop_width).
+  """
+  h_img = tf.cast(height, tf.float32)
+  w_img = tf.cast(width, tf.float32)
+  k_area, k_ratio, k_offset = tf.unstack(
+      tf.random.experimental.stateless_split(key, 3))
+  area = h_img * w_img * tf.random.stateless_uniform(
+      [], k_area, minval=scale[0], maxval=scale[1])
+  aspect = tf.exp(tf.random.stateless_uniform(
+      [], k_ratio, minval=math.log(ratio[0]), maxval=math.log(ratio[1])))
+  w = tf.clip_by_value(tf.round(tf.sqrt(area * aspect)), 1.0, w_img)
+  h = tf.clip_by_value(tf.round(tf.sqrt(area / aspect)), 1.0, h_img)
+  u_top, u_left = tf.unstack(tf.random.stateless_uniform([2], k_offset))
+  top = tf.floor(u_top * (h_img - h + 1))
+  left = tf.floor(u_left * (w_img - w + 1))
+  return tuple(tf.cast(v, tf.int32) for v in (top, left, h, w))
+
+
+def linprobe_transform(image, key, size):
+  """'linprobe': single-draw RandomResizedCrop(size, scale (0.08, 1), bicubic
+  as PIL) + flip + normalise. uint8 (H, W, 3) -> float32 (size, size, 3)."""
+  image = tf.convert_to_tensor(image)
+  k_box, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+  shape = tf.shape(image)
+  box = sample_crop_box_single(k_box, shape[0], shape[1])
+  crop = resize_bicubic_pil(_crop(image, box), size, size)
+  return normalize(_random_flip(crop, k_flip))
+
+
+def get_train_transform(name):
+  """The training transform fn(uint8 image, key, size) named by
+  data.augment: one of TRAIN_AUGMENTS."""
+  transforms = dict(pretrain=train_transform, finetune=finetune_transform,
+                    linprobe=linprobe_transform)
+  if name not in transforms:
+    raise ValueError(f'unknown data.augment={name!r}; allowed: '
+                     f'{", ".join(map(repr, TRAIN_AUGMENTS))}')
+  return transforms[name]
 
 
 def eval_transform(image, size, crop_pct=CROP_PCT):
-  """Resize shorter side to int(size / crop_pct) (bicubic), center crop
-  size x size, normalise. uint8 (H, W, 3) -> float32 (size, size, 3)."""
+  """Resize shorter side to int(size / crop_pct) as PIL bicubic does, center
+  crop size x size (top = round((h - size) / 2), half to even, as
+  torchvision), normalise. uint8 (H, W, 3) -> float32 (size, size, 3)."""
   image = tf.convert_to_tensor(image)
   resize = int(size / crop_pct)
   shape = tf.shape(image)
@@ -108,9 +305,8 @@ def eval_transform(image, size, crop_pct=CROP_PCT):
   short = tf.minimum(h, w)
   new_h = tf.where(h <= w, resize, resize * h // short)  # as torchvision
   new_w = tf.where(h <= w, resize * w // short, resize)
-  image = _resize_bicubic(image, new_h, new_w)
   top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2), tf.int32)
-  image = image[top:top + size, left:left + size]
+  image = resize_bicubic_pil(image, new_h, new_w, (top, left, size, size))
   image.set_shape([size, size, 3])
   return normalize(image)

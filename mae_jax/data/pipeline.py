@@ -18,6 +18,8 @@ own tfds.even_splits share through a shuffle buffer seeded from (seed, e).
     epoch of at least 256 examples.
   shuffle_buffer (10_000): TFDS examples held in the shuffle buffer.
   image_key ('image'), label_key ('label'): TFDS feature names.
+  augment ('pretrain'): training transform, one of augment.TRAIN_AUGMENTS:
+    'pretrain', 'finetune' or 'linprobe' (see mae_jax.data.augment).
 """
 import math
 
@@ -26,7 +28,8 @@ import tensorflow as tf
 from mae_jax.data import augment, sources
 
 _DEFAULTS = dict(data_dir=None, split='train', repeats=None,
-                 shuffle_buffer=10_000, image_key='image', label_key='label')
+                 shuffle_buffer=10_000, image_key='image', label_key='label',
+                 augment='pretrain')
 _SHUFFLE_INDEX = -1  # example_key index reserved for the epoch's shuffle
 _AUTOTUNE = tf.data.AUTOTUNE
 
@@ -194,6 +197,7 @@ def make_iterator(data_cfg, global_batch_size, *, seed, start_step=0,
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}')
   size = int(_field(data_cfg, 'image_size'))
+  train_transform = augment.get_train_transform(_field(data_cfg, 'augment'))
   src = _source(data_cfg, process_index, process_count, drop_remainder=train)
 
   if train:
@@ -205,7 +209,7 @@ def make_iterator(data_cfg, global_batch_size, *, seed, start_step=0,
     def example(ref, epoch):
       image, label, index = read(ref)
       key = augment.example_key(seed, epoch, index)
-      out = {'image': augment.train_transform(image, key, size),
+      out = {'image': train_transform(image, key, size),
              'label': label}
       if with_index:
         out['index'] = index

@@ -2,7 +2,8 @@
 
 (N, H, W, 3) normalised images -> (N, num_classes) logits. With global_pool
 the patch tokens (cls excluded) are averaged and passed through `fc_norm`;
-otherwise the cls token goes through `norm`. Parameter names follow the
+otherwise the cls token goes through `norm`. With linear_probe the head is
+BatchNorm without affine (eps 1e-6, state in 'batch_stats') + linear. Parameter names follow the
 encoder of `MaskedAutoencoder`, so pretrained weights load by name.
 """
 import functools
@@ -27,6 +28,7 @@ class VisionTransformer(nn.Module):
   num_heads: int = 12
   mlp_ratio: float = 4.0
   global_pool: bool = True
+  linear_probe: bool = False  # head = BatchNorm (no affine) + linear
   drop_path_rate: float = 0.1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -69,8 +71,15 @@ class VisionTransformer(nn.Module):
       x = layers.LayerNorm(name='norm', **kw)(x)[:, 0]
     if return_features:
       return x
+    std = 2e-5
+    if self.linear_probe:
+      std = 0.01
+      x = nn.BatchNorm(use_running_average=not train, use_bias=False,
+                       use_scale=False, epsilon=1e-6, momentum=0.9,
+                       dtype=jnp.float32, name='head_bn')(
+                           x.astype(jnp.float32))
     head = functools.partial(
-        nn.Dense, kernel_init=nn.initializers.truncated_normal(2e-5),
+        nn.Dense, kernel_init=nn.initializers.truncated_normal(std),
         bias_init=nn.initializers.zeros, dtype=self.dtype,
         param_dtype=self.param_dtype)
     return head(self.num_classes, name='head')(x)
