@@ -1,0 +1,233 @@
+"""Reconstruction figures: the CLI, the notebook, .pth input, bad inputs."""
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import nbclient
+import nbformat
+import numpy as np
+import pytest
+from PIL import Image
+
+from mae_jax import checkpoint, convert, images, visualize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = ['--config.total_steps=40', '--config.batch_size=16',
+         '--config.blr=1e-2', '--config.warmup_steps=5',
+         '--config.figure_every_steps=0', '--config.checkpoint_every_steps=40',
+         '--config.log_every_steps=20']
+MSE = re.compile(r'masked-patch MSE ([0-9.]+)')
+PX = visualize.PANEL_INCHES * visualize.DPI  # pixels per panel side
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, '-m', 'mae_jax.visualize', *args],
+                        env=_env(), capture_output=True, text=True,
+                        timeout=300, cwd=ROOT)
+
+
+@pytest.fixture(scope='module')
+def ckpts(tmp_path_factory):
+  """{'trained': tiny workdir after 40 updates, 'init': the same model at
+  initialisation}."""
+  base = tmp_path_factory.mktemp('visualize')
+  workdir = base / 'trained'
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'train.py'), '--config',
+       os.path.join(ROOT, 'configs/pretrain.py') + ':tiny', '--workdir',
+       str(workdir), *TRAIN], env=_env(), capture_output=True, text=True,
+      timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  model, _ = checkpoint.load(workdir)
+  size = model.img_size
+  variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                         noise=jnp.zeros((1, model.num_patches)))
+  checkpoint.save(base / 'init', model, variables)
+  return {'trained': str(workdir), 'init': str(base / 'init')}
+
+
+COLORS = {'L': 128, 'P': 7, 'I;16': 30000, 'RGB': (200, 30, 30),
+          'RGBA': (200, 30, 30, 90), 'CMYK': (10, 200, 30, 40)}
+
+
+def _png(path, size, mode):
+  """Writes a one-colour image of `mode` (CMYK needs a .jpg path)."""
+  Image.new(mode, size, COLORS[mode]).save(path)
+  return str(path)
+
+
+def test_trained_model_beats_init_and_figure_has_four_panels(ckpts, tmp_path,
+                                                             capsys):
+  out = _cli('--checkpoint', ckpts['trained'], '--out',
+             str(tmp_path / 'trained.png'))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f'figure: {tmp_path / "trained.png"}' in out.stdout
+  trained = float(MSE.search(out.stdout).group(1))
+  assert visualize.main(['--checkpoint', ckpts['init'], '--out',
+                         str(tmp_path / 'init.png')]) == 0
+  init = float(MSE.search(capsys.readouterr().out).group(1))
+  assert trained < 0.7 * init, (trained, init)
+  with Image.open(tmp_path / 'trained.png') as png:
+    assert png.size == (4 * PX, PX)
+  model, variables = visualize.load_model(ckpts['trained'])
+  names, imgs = images.load_images(images.resolve(None), model.img_size)
+  pred, mask, mse = visualize.reconstruct(model, variables, imgs)
+  assert names == [images.DEFAULT_IMAGE]
+  assert float(mse[0]) == pytest.approx(trained, abs=1e-6)
+  fig = visualize.reconstruction_figure(imgs, pred, mask, model.patch_size,
+                                        model.norm_pix_loss)
+  assert len(fig.axes) == 4
+  assert [ax.get_title() for ax in fig.axes] == [
+      'original', 'masked', 'reconstruction', 'reconstruction + visible']
+
+
+def test_sweep_and_folder_give_one_row_each(ckpts, tmp_path, capsys):
+  folder = tmp_path / 'imgs'
+  folder.mkdir()
+  _png(folder / 'gray.png', (80, 70), 'L')
+  _png(folder / 'rgba.png', (90, 64), 'RGBA')
+  (folder / 'notes.txt').write_text('not an image')
+  out = tmp_path / 'sheet.png'
+  assert visualize.main(['--checkpoint', ckpts['trained'], '--image',
+                         str(folder), '--sweep', '0.5,0.9', '--out',
+                         str(out)]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert [l.split()[0] for l in lines[1:]] == ['gray.png'] * 2 + [
+      'rgba.png'] * 2
+  assert len(MSE.findall('\n'.join(lines))) == 4
+  with Image.open(out) as png:
+    assert png.size == (4 * PX, 4 * PX)
+
+
+def test_norm_pix_model_says_so_in_the_title(ckpts):
+  model, _ = visualize.load_model(ckpts['init'])
+  title = visualize.figure_title(model.clone(norm_pix_loss=True), 'x', 0)
+  assert 'de-normalised' in title
+  assert 'norm-pix' not in visualize.figure_title(model, 'x', 0)
+
+
+def test_notebook_runs_top_to_bottom(ckpts, monkeypatch):
+  monkeypatch.setenv('MAE_CHECKPOINT', ckpts['trained'])
+  nb = nbformat.read(os.path.join(ROOT, 'notebooks', 'mae_visualize.ipynb'),
+                     as_version=4)
+  assert all(not c.get('outputs') for c in nb.cells if c.cell_type == 'code')
+  nbclient.NotebookClient(
+      nb, kernel_name='python3', timeout=300,
+      resources={'metadata': {'path': os.path.join(ROOT, 'notebooks')}}
+  ).execute()
+  pngs = [o['data']['image/png'] for c in nb.cells if c.cell_type == 'code'
+          for o in c.outputs if 'image/png' in o.get('data', {})]
+  assert len(pngs) == 4 and all(len(p) > 1000 for p in pngs)
+
+
+def test_pth_input_matches_converted_directory(tmp_path):
+  torch_mae = pytest.importorskip('tests.torch_mae')
+  pth = torch_mae.save_pth(
+      tmp_path / 'mae_tiny.pth',
+      torch_mae.make_mae('tiny_patch8', seed=3).state_dict())
+  convert.convert_file(pth, tmp_path / 'converted')
+  outs = []
+  for path in (pth, tmp_path / 'converted'):
+    model, variables = visualize.load_model(path)
+    _, imgs = images.load_images(images.resolve(None), model.img_size)
+    outs.append(visualize.reconstruct(model, variables, imgs, 0.75, seed=5))
+  assert sorted(os.listdir(tmp_path)) == ['converted', 'mae_tiny.pth']
+  for a, b in zip(*outs):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_fixed_seed_reproduces_mask_and_figure(ckpts):
+  model, variables = visualize.load_model(ckpts['init'])
+  _, imgs = images.load_images(images.resolve(None), model.img_size)
+  runs = [visualize.reconstruct(model, variables, imgs, 0.75, seed)
+          for seed in (7, 7, 8)]
+  for a, b in zip(runs[0], runs[1]):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(runs[0][1], runs[2][1])
+  pngs = [visualize.figure_png(visualize.reconstruction_figure(
+      imgs, pred, mask, model.patch_size, model.norm_pix_loss))
+          for pred, mask, _ in runs[:2]]
+  assert pngs[0] == pngs[1]
+
+
+def test_missing_image_or_checkpoint_cli_message_without_traceback(ckpts,
+                                                                  tmp_path):
+  bad = tmp_path / 'nope.png'
+  for args, message in [
+      (['--checkpoint', ckpts['init'], '--image', str(bad)],
+       f'error: {bad}: no such image file or folder'),
+      (['--checkpoint', str(tmp_path / 'none')],
+       f'error: {tmp_path / "none"}: no such checkpoint directory')]:
+    out = _cli(*args, '--out', str(tmp_path / 'x.png'))
+    assert out.returncode == 2
+    assert out.stderr.strip() == message  # one line, no traceback
+  assert not (tmp_path / 'x.png').exists()
+
+
+def test_non_image_file_is_one_line(ckpts, tmp_path, capsys):
+  bad = tmp_path / 'fake.png'
+  bad.write_text('hello')
+  assert visualize.main(['--checkpoint', ckpts['init'], '--image', str(bad),
+                         '--out', str(tmp_path / 'x.png')]) == 2
+  assert capsys.readouterr().err.strip() == (
+      f'error: {bad}: not an image file PIL can read')
+
+
+def test_cli_imports_neither_tensorflow_nor_torch(ckpts, tmp_path):
+  code = ('import sys; from mae_jax import visualize; '
+          f'rc = visualize.main(["--checkpoint", {ckpts["init"]!r}, '
+          f'"--out", {str(tmp_path / "x.png")!r}]); '
+          'print(rc, "tensorflow" in sys.modules, "torch" in sys.modules)')
+  out = subprocess.run([sys.executable, '-c', code], env=_env(),
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.stdout.splitlines()[-1] == '0 False False', out.stderr[-2000:]
+
+
+@pytest.mark.parametrize('mode', ['L', 'RGBA', 'P', 'CMYK', 'I;16'])
+def test_other_modes_are_converted_to_rgb(tmp_path, mode):
+  path = tmp_path / ('img.jpg' if mode == 'CMYK' else 'img.png')
+  _png(path, (70, 90), mode)
+  arr = images.load_image(path, 64)
+  assert arr.shape == (64, 64, 3) and arr.dtype == np.float32
+  rgb = arr * images.IMAGENET_STD + images.IMAGENET_MEAN
+  assert rgb.min() >= -1e-6 and rgb.max() <= 1 + 1e-6
+  if mode in ('L', 'I;16'):  # gray stays gray
+    np.testing.assert_allclose(rgb[..., 0], rgb[..., 2], atol=1e-6)
+
+
+def test_small_image_is_upscaled_with_a_warning(tmp_path):
+  warnings = []
+  arr = images.load_image(_png(tmp_path / 's.png', (20, 20), 'RGB'), 64,
+                          warnings.append)
+  assert arr.shape == (64, 64, 3)
+  assert warnings == [f'{tmp_path / "s.png"}: 20x20 is smaller than the '
+                      'model input 64x64; upscaled (bicubic)']
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--checkpoint', '/no/such/weights.pth'],
+     'error: /no/such/weights.pth: no such file'),
+    (['--mask-ratio', '1.0'],
+     'error: mask ratio 1.0 must lie in the open interval (0, 1)'),
+])
+def test_bad_checkpoint_or_ratio_is_one_line(ckpts, tmp_path, capsys, args,
+                                             message):
+  if args[0] != '--checkpoint':
+    args = ['--checkpoint', ckpts['init'], *args]
+  assert visualize.main([*args, '--out', str(tmp_path / 'x.png')]) == 2
+  assert capsys.readouterr().err.strip() == message
+
+
+def test_resize_crop_keeps_the_center():
+  img = Image.new('RGB', (300, 100), (0, 0, 0))
+  img.paste((255, 255, 255), (100, 0, 200, 100))
+  out, upscaled = images.resize_crop(img, 50)
+  assert out.size == (50, 50) and not upscaled
+  assert np.asarray(out)[5:45, 5:45].min() >= 250
