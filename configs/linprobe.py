@@ -10,7 +10,7 @@ COMMON = dict(global_pool=False, blr=0.1, min_lr=0.0, weight_decay=0.0,
               batch_size=16384, warmup_epochs=10, drop_path=0.0, mixup=0.0,
               cutmix=0.0, smoothing=0.0, eval_every_steps=78)
 RECIPES = {
-    'tiny': dict(COMMON, blr=0.1),
+    'tiny': dict(COMMON, blr=40.0),  # lr 5 at batch 32 (base: 6.4 at 16384)
     'base': dict(COMMON, epochs=90),
     'large': dict(COMMON, epochs=50),
     'huge': dict(COMMON, epochs=50),

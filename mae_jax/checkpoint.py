@@ -21,7 +21,8 @@ from mae_jax.torch_io import CheckpointError
 
 MODEL_CLASSES = {cls.__name__: cls
                  for cls in (MaskedAutoencoder, VisionTransformer)}
-_NOT_SAVED = ('dtype', 'param_dtype', 'attention_impl', 'parent', 'name')
+_NOT_SAVED = ('dtype', 'param_dtype', 'attention_impl', 'remat', 'parent',
+              'name')
 
 
 def model_description(model):

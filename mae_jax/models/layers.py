@@ -121,3 +121,8 @@ class Block(nn.Module):
     hidden = int(x.shape[-1] * self.mlp_ratio)
     x = residual(Mlp(hidden, name='mlp', **kw)(norm(name='norm2')(x)))
     return x
+
+
+def block_class(remat):
+  """Block, or Block rematerialised (activations recomputed in backward)."""
+  return nn.remat(Block, static_argnums=(2,)) if remat else Block

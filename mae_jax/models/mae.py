@@ -57,7 +57,8 @@ class MaskedAutoencoder(nn.Module):
   norm_pix_loss: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_impl: Optional[str] = None
+  attention_impl: Optional[str] = None  # None/'xla' or 'cudnn' (GPU)
+  remat: bool = False  # recompute block activations in the backward pass
 
   @property
   def grid_size(self):
@@ -72,7 +73,8 @@ class MaskedAutoencoder(nn.Module):
       raise ValueError(f'img_size={self.img_size} is not divisible by '
                        f'patch_size={self.patch_size}')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    block = functools.partial(layers.Block, mlp_ratio=self.mlp_ratio,
+    block = functools.partial(layers.block_class(self.remat),
+                              mlp_ratio=self.mlp_ratio,
                               attention_impl=self.attention_impl, **kw)
     token_init = nn.initializers.normal(0.02)
     self.patch_embed = layers.PatchEmbed(self.patch_size, self.embed_dim, **kw)

@@ -33,6 +33,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
+  remat: bool = False
 
   @property
   def grid_size(self):
@@ -62,7 +63,8 @@ class VisionTransformer(nn.Module):
         axis=1) + pos.astype(x.dtype)
     rates = np.linspace(0, self.drop_path_rate, self.depth)
     for i in range(self.depth):
-      x = layers.Block(self.num_heads, self.mlp_ratio, float(rates[i]),
+      x = layers.block_class(self.remat)(
+          self.num_heads, self.mlp_ratio, float(rates[i]),
                        attention_impl=self.attention_impl,
                        name=f'blocks_{i}', **kw)(x, deterministic=not train)
     if self.global_pool:
