@@ -7,9 +7,14 @@
   python train.py --config configs/linprobe.py:base --workdir runs/lp \
       --config.init_from=runs/base
 
-A workdir that holds a checkpoint is resumed automatically. Multi-host:
-pass --coordinator_address/--num_processes/--process_id, or --distributed
-on platforms where jax.distributed.initialize() detects them (TPU, Slurm).
+A workdir that holds a checkpoint is resumed automatically; SIGTERM saves
+the current step and exits 0. Multi-host: pass --coordinator_address/
+--num_processes/--process_id, or --distributed on platforms where
+jax.distributed.initialize() detects them (TPU, Slurm).
+
+User mistakes (flags, config values, a workdir in use, a checkpoint of
+another config) print one line `error: ...` and exit 2; a run stopped by a
+non-finite loss or a failed checkpoint save prints one line and exits 1.
 """
 import sys
 
@@ -27,13 +32,43 @@ flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
 
+def _fail(message, code=2):
+  print(f'error: {" ".join(message.split())}', file=sys.stderr)
+  sys.exit(code)
+
+
+def _unknown_override(argv, error):
+  """The --config.KEY of argv whose last part ml_collections named in
+  `error` (the unknown field), or None."""
+  name = str(error).strip('"\'')
+  for arg in argv:
+    key = arg[len('--config.'):].split('=', 1)[0]
+    if arg.startswith('--config.') and key.split('.')[-1] == name:
+      return key
+  return None
+
+
+def parse_flags(argv):
+  """absl flag parsing whose errors are one line naming the flag."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    _fail(lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}')
+  except (AttributeError, KeyError) as e:  # ml_collections: unknown field
+    key = _unknown_override(argv, e)
+    _fail(f'--config.{key}: unknown config field {key!r}' if key
+          else f'{type(e).__name__}: {e}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
   import jax
   from mae_jax import classify, trainer
-  from mae_jax.config_check import ConfigError
+  from mae_jax.monitor import NonFiniteError
+  from mae_jax.workdir import WorkdirLocked
 
   if FLAGS.num_processes > 1:
     jax.distributed.initialize(FLAGS.coordinator_address,
@@ -43,10 +78,11 @@ def main(argv):
   try:
     run = trainer.train if FLAGS.config.task == 'pretrain' else classify.train
     run(FLAGS.config, FLAGS.workdir)
-  except (ConfigError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  except (ValueError, WorkdirLocked, FileNotFoundError) as e:
+    _fail(str(e))  # ConfigError, CheckpointError are ValueErrors
+  except (NonFiniteError, trainer.CheckpointSaveError) as e:
+    _fail(str(e), code=1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

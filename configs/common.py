@@ -43,6 +43,8 @@ def classifier_config(task, variant, recipe):
   c.data.eval_split = v['eval_split']
   c.data.image_size = v['image_size']
   c.data.augment = v['augment']
+  c.data.on_error = 'skip'           # unreadable image files: 'skip' | 'fail'
+  c.data.max_pixels = 89_478_485     # larger images are skipped (PIL's limit)
 
   c.batch_size = v['batch_size']     # global batch of one micro-step
   c.accum_iter = 1

@@ -8,7 +8,7 @@ import ml_collections
 VARIANTS = {
     'tiny': dict(model='mae_vit_tiny_patch8', image_size=64, dataset='embedded',
                  batch_size=32, epochs=0, total_steps=600, warmup_epochs=0,
-                 warmup_steps=40, blr=1.5e-3, norm_pix_loss=False,
+                 warmup_steps=40, blr=8e-3, norm_pix_loss=False,
                  dtype='float32', checkpoint_every_steps=200,
                  log_every_steps=50, figure_every_steps=200),
     'base': dict(model='mae_vit_base_patch16'),
@@ -35,12 +35,16 @@ def get_config(arg='tiny'):
   c.mask_ratio = 0.75
   c.norm_pix_loss = v['norm_pix_loss']
   c.dtype = v['dtype']               # compute dtype; parameters stay float32
+  c.attention = 'default'            # 'default', 'xla' or 'cudnn' (GPU only)
+  c.remat = False                    # recompute block activations in backward
 
   c.data = ml_collections.ConfigDict()
   c.data.name = v['dataset']         # 'embedded', 'folder' or a tfds name
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
   c.data.split = 'train'
   c.data.image_size = v['image_size']
+  c.data.on_error = 'skip'           # unreadable image files: 'skip' | 'fail'
+  c.data.max_pixels = 89_478_485     # larger images are skipped (PIL's limit)
 
   c.batch_size = v['batch_size']     # global batch of one micro-step
   c.accum_iter = 1                   # effective batch = batch_size * accum_iter
@@ -59,5 +63,6 @@ def get_config(arg='tiny'):
   c.keep_checkpoints = 3
   c.log_every_steps = v['log_every_steps']
   c.figure_every_steps = v['figure_every_steps']
+  c.skip_nonfinite = False           # True: skip NaN/Inf updates, else stop
   c.lock()
   return c

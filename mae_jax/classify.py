@@ -22,6 +22,7 @@ from mae_jax.mixup import mix_batch, smooth_one_hot, soft_cross_entropy
 from mae_jax.models import VisionTransformer, create_model
 from mae_jax.monitor import Monitor
 from mae_jax.trainer import schedule_for
+from mae_jax.workdir import Preemption, WorkdirLock
 
 
 def build_model(config, num_classes):
@@ -195,7 +196,19 @@ class ClassifierTrainer:
 
 
 def train(config, workdir, mesh=None):
-  """Fine-tunes or probes in `workdir` (resuming it); returns final metrics."""
+  """Fine-tunes or probes in `workdir` (resuming it); returns final metrics.
+
+  Holds WORKDIR/.lock while running; SIGTERM saves the current step and
+  returns normally."""
+  preemption = Preemption()
+  try:
+    with WorkdirLock(workdir, jax.process_index()):
+      return _train(config, workdir, mesh, preemption)
+  finally:
+    preemption.restore()
+
+
+def _train(config, workdir, mesh, preemption):
   from mae_jax.data import pipeline  # the only TensorFlow user
 
   num_classes = config.num_classes or pipeline.num_classes(config.data)
@@ -240,14 +253,22 @@ def train(config, workdir, mesh=None):
       state, metrics = t.train_step(state, b['image'], b['label'],
                                     jnp.int32(step), jnp.int32(micro))
     done = step + 1
-    if done % config.log_every_steps == 0 or done == t.total_steps:
+    stop = preemption.reached(done)
+    save = (done % config.checkpoint_every_steps == 0
+            or done == t.total_steps or stop)
+    if done % config.log_every_steps == 0 or done == t.total_steps or save:
       metrics = jax.device_get(metrics)
       monitor.check_finite(step, metrics, last_good=mngr.latest_step())
+    if done % config.log_every_steps == 0 or done == t.total_steps:
       monitor.log(done, metrics)
-    if done % config.checkpoint_every_steps == 0 or done == t.total_steps:
+    if save:
       t.save(mngr, done, state)
     if done % config.eval_every_steps == 0 or done == t.total_steps:
       result = evaluate(done)
+    if stop:
+      monitor.note(f'preempted (SIGTERM): saved step {done}/{t.total_steps}; '
+                   'run the same command to resume')
+      break
   mngr.wait_until_finished()
   mngr.close()
   monitor.close()

@@ -6,6 +6,13 @@ from mae_jax.models import MAE_CONFIGS, VIT_CONFIGS
 
 KNOWN_DTYPES = ('float32', 'bfloat16')
 LOCAL_SOURCES = ('embedded', 'folder')
+ON_ERROR = ('skip', 'fail')
+# Fields a resumed run must share with its checkpoint: they change the
+# state's shapes or what the saved step and data position mean.
+RESUME_FIELDS = ('task', 'model', 'norm_pix_loss', 'global_pool',
+                 'num_classes', 'data.name', 'data.split', 'data.image_size',
+                 'batch_size', 'accum_iter', 'seed')
+ATTENTION = ('default', 'xla', 'cudnn')
 
 
 class ConfigError(ValueError):
@@ -18,6 +25,9 @@ def check_pretrain_config(config):
   if not 0.0 < config.mask_ratio < 1.0:
     raise ConfigError(f'config.mask_ratio={config.mask_ratio} must lie in the '
                       'open interval (0, 1)')
+  if config.attention not in ATTENTION:
+    raise ConfigError(f'config.attention={config.attention!r} is unknown; '
+                      f'allowed: {", ".join(ATTENTION)}')
 
 
 TASKS = ('finetune', 'linprobe')
@@ -58,6 +68,13 @@ def _check_common(config, registry):
   if config.total_steps <= 0 and config.epochs <= 0:
     raise ConfigError('config.total_steps and config.epochs are both <= 0; '
                       'set one of them to a positive number')
+  on_error = config.data.get('on_error', 'skip')
+  if on_error not in ON_ERROR:
+    raise ConfigError(f'config.data.on_error={on_error!r} is unknown; '
+                      f'allowed: {", ".join(ON_ERROR)}')
+  if config.data.get('max_pixels', 1) < 1:
+    raise ConfigError(f'config.data.max_pixels={config.data.max_pixels} must '
+                      'be >= 1')
   name, data_dir = config.data.name, config.data.data_dir
   if name == 'folder' and not data_dir:
     raise ConfigError("config.data.data_dir is required for "
@@ -67,3 +84,36 @@ def _check_common(config, registry):
                       f'config.data.name={name!r}; use one of '
                       f'{", ".join(LOCAL_SOURCES)} or a tfds name with its '
                       'data_dir')
+
+
+def _flat(tree, prefix=''):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def check_resume(config, saved_config, model, saved_model, where):
+  """Raises ConfigError naming every field in which the checkpoint at `where`
+  (its saved config and model description, JSON dicts) differs from now."""
+  import json
+  now = _flat(json.loads(config.to_json()))
+  then = _flat(saved_config)
+  diffs = [f'{k}={then[k]!r} (checkpoint) != {now[k]!r} (now)'
+           for k in RESUME_FIELDS if k in now and k in then
+           and then[k] != now[k]]
+  if not diffs:  # same config fields; the module itself may still differ
+    fields = json.loads(json.dumps(model))
+    diffs = [f'model.{k}={v!r} (checkpoint) != {fields["fields"].get(k)!r} '
+             '(now)' for k, v in saved_model.get('fields', {}).items()
+             if fields['fields'].get(k) != v]
+    if saved_model.get('class') != fields['class']:
+      diffs.insert(0, f'model class {saved_model.get("class")!r} '
+                   f'(checkpoint) != {fields["class"]!r} (now)')
+  if diffs:
+    raise ConfigError(f'checkpoint {where} was written by another config: '
+                      f'{"; ".join(diffs)}; use its config or another '
+                      '--workdir')

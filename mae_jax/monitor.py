@@ -32,20 +32,33 @@ class Monitor:
     if self.active:
       print(text, flush=True)
 
-  def check_finite(self, step, metrics, last_good=None):
-    """Stops the run when the loss or gradient norm of `step` is not finite."""
+  def check_finite(self, step, metrics, last_good=None, skip=False,
+                   skipped=0):
+    """Checks the loss and gradient norm of update `step` (0-based).
+
+    Not finite: raises NonFiniteError naming the step and the last good
+    checkpoint, or with `skip` (the step already left the state unchanged)
+    notes it. Returns the number of skipped updates (0 or 1); `skipped` is
+    the count so far.
+    """
     values = {k: float(np.asarray(metrics[k])) for k in ('loss', 'grad_norm')}
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    if bad:
-      where = (f'the last good checkpoint is step {last_good}'
-               if last_good is not None else 'no checkpoint was written yet')
-      raise NonFiniteError(
-          f'non-finite {", ".join(f"{k}={v}" for k, v in bad.items())} at '
-          f'update {step}; {where}. Lower config.blr, check the data, or '
-          'train in float32.')
+    if not bad:
+      return 0
+    text = ", ".join(f"{k}={v}" for k, v in bad.items())
+    if skip:
+      self.note(f'skipped update {step}: non-finite {text}; {skipped + 1} '
+                'updates skipped so far')
+      return 1
+    where = (f'the last good checkpoint is step {last_good}'
+             if last_good is not None else 'no checkpoint was written yet')
+    raise NonFiniteError(
+        f'non-finite {text} at update {step}; {where}. Lower config.blr, '
+        'check the data, train in float32, or set config.skip_nonfinite=True.')
 
-  def log(self, step, metrics):
-    """Progress line (bar, loss, lr, img/s, ETA) and metric records."""
+  def log(self, step, metrics, skipped=0):
+    """Progress line (bar, loss, lr, img/s, ETA) and metric records;
+    `skipped`: non-finite updates skipped so far (recorded when > 0)."""
     now = time.time()
     if self.last is None:
       rate = float('nan')
@@ -54,11 +67,15 @@ class Monitor:
     self.last = (step, now)
     record = {'step': step, **{k: float(v) for k, v in metrics.items()},
               'img_per_s': rate, 'elapsed_s': now - self.start_time}
+    record.pop('skipped', None)
+    if skipped:
+      record['skipped_total'] = skipped
     if not self.active:
       return record
     bar = tqdm.format_meter(step, self.total, now - self.start_time, ncols=60)
     print(f'{bar} loss {record["loss"]:.4f} lr {record["lr"]:.2e} '
-          f'{rate:.1f} img/s', flush=True)
+          f'{rate:.1f} img/s' + (f' skipped {skipped}' if skipped else ''),
+          flush=True)
     self.jsonl.write(json.dumps(record) + '\n')
     self.jsonl.flush()
     for k, v in record.items():

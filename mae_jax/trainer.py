@@ -18,17 +18,21 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from mae_jax import checkpoint, optim, sharding
-from mae_jax.config_check import ConfigError, check_pretrain_config
+from mae_jax.config_check import (ConfigError, check_pretrain_config,
+                                  check_resume)
 from mae_jax.models import create_model
-from mae_jax.monitor import Monitor
+from mae_jax.monitor import Monitor, NonFiniteError
+from mae_jax.workdir import Preemption, WorkdirLock
 
 ITEMS = ('params', 'opt_state', 'model', 'meta')
 
 
 def build_model(config):
+  attention = None if config.attention == 'default' else config.attention
   return create_model(config.model, img_size=config.data.image_size,
                       norm_pix_loss=config.norm_pix_loss,
-                      dtype=jnp.dtype(config.dtype))
+                      dtype=jnp.dtype(config.dtype), attention_impl=attention,
+                      remat=config.remat)
 
 
 def schedule_for(config, steps_per_epoch):
@@ -48,6 +52,34 @@ def mask_noise(seed, step, micro, micro_batch, accum_iter, length):
   return jax.lax.dynamic_slice_in_dim(noise, micro * micro_batch, micro_batch)
 
 
+class CheckpointSaveError(OSError):
+  """Writing a checkpoint failed (e.g. a full disk); older ones are intact."""
+
+
+def _save_failed(mngr, step, error):
+  steps = sorted(s for s in mngr.all_steps() if s != step)
+  return CheckpointSaveError(
+      f'saving checkpoint step {step} in {mngr.directory} failed: '
+      f'{type(error).__name__}: {error}; the older checkpoints '
+      f'{steps or "(none)"} are intact'.replace('\n', ' '))
+
+
+def save_step(mngr, step, args):
+  """mngr.save that names the step when it fails."""
+  try:
+    mngr.save(step, args=args)
+  except Exception as e:  # noqa: BLE001  (orbax wraps errors variously)
+    raise _save_failed(mngr, step, e) from e
+
+
+def finish_saves(mngr, step):
+  """Waits for the async save of `step`; failure: CheckpointSaveError."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    raise _save_failed(mngr, step, e) from e
+
+
 class Trainer:
   """Holds the mesh, the model, the jitted step and the checkpoint manager."""
 
@@ -62,6 +94,7 @@ class Trainer:
                         f'divisible by the {devices} devices of the mesh')
     self.model = build_model(config)
     self.length = self.model.num_patches
+    self.saving = None  # step of the latest async save started
 
   # -- state ---------------------------------------------------------------
 
@@ -114,33 +147,62 @@ class Trainer:
     updates, opt_state = self.tx.update(grads, state['opt_state'],
                                         state['params'])
     params = optax.apply_updates(state['params'], updates)
+    new = {'params': params, 'opt_state': opt_state}
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'lr': self.schedule(step)}
-    return {'params': params, 'opt_state': opt_state}, metrics
+    if config.skip_nonfinite:  # keep the old state: the update is not applied
+      ok = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+      new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+      metrics['skipped'] = 1.0 - ok.astype(jnp.float32)
+    return new, metrics
 
   # -- checkpoints -----------------------------------------------------------
 
   def manager(self):
+    """Async manager; unfinished (`*.orbax-checkpoint-tmp*`) steps of a
+    killed run are deleted on start and never read."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=self.config.keep_checkpoints,
-        enable_async_checkpointing=True, create=True)
+        enable_async_checkpointing=True, create=True,
+        cleanup_tmp_directories=True)
     return ocp.CheckpointManager(os.path.join(self.workdir, 'checkpoints'),
                                  options=options, item_names=ITEMS)
 
-  def save(self, mngr, step, state):
-    mngr.save(step, args=ocp.args.Composite(
+  def save(self, mngr, step, state, skipped=0):
+    """Starts an async save of `step`; refuses non-finite parameters."""
+    if not bool(self.params_finite(state['params'])):
+      raise NonFiniteError(
+          f'parameters after update {step} are not finite; not saving them; '
+          f'the last good checkpoint is step {mngr.latest_step()}')
+    if self.saving is not None:  # report a failed async save by its step
+      finish_saves(mngr, self.saving)
+    self.saving = step
+    meta = {'step': step, 'skipped': skipped,
+            'config': json.loads(self.config.to_json())}
+    save_step(mngr, step, ocp.args.Composite(
         params=ocp.args.StandardSave(state['params']),
         opt_state=ocp.args.StandardSave(state['opt_state']),
         model=ocp.args.JsonSave(checkpoint.model_description(self.model)),
-        meta=ocp.args.JsonSave({'step': step, 'config': json.loads(
-            self.config.to_json())})))
+        meta=ocp.args.JsonSave(meta)))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def params_finite(self, params):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                              for x in jax.tree.leaves(params)]))
 
   def restore(self, mngr, step):
-    """Restores params and optimizer state onto this trainer's mesh."""
+    """(state, meta) of `step` on this trainer's mesh; a checkpoint of another
+    model or config is refused, naming the fields that differ."""
+    saved = mngr.restore(step, args=ocp.args.Composite(
+        model=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    check_resume(self.config, saved['meta'].get('config', {}),
+                 checkpoint.model_description(self.model), saved['model'],
+                 f'{mngr.directory}/{step}')
     restored = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(self.abstract_state['params']),
         opt_state=ocp.args.StandardRestore(self.abstract_state['opt_state'])))
-    return {'params': restored['params'], 'opt_state': restored['opt_state']}
+    state = {'params': restored['params'], 'opt_state': restored['opt_state']}
+    return state, saved['meta']
 
   # -- loop ------------------------------------------------------------------
 
@@ -151,8 +213,9 @@ class Trainer:
       state, m = self.train_step(state, images, jnp.int32(step),
                                  jnp.int32(micro))
       metrics.append(m)
-    return state, {k: jnp.mean(jnp.stack([m[k] for m in metrics]))
-                   if k != 'lr' else metrics[0][k] for k in metrics[0]}
+    reduce = {'lr': lambda x: x[0], 'skipped': jnp.sum}
+    return state, {k: reduce.get(k, jnp.mean)(jnp.stack([m[k] for m in metrics]))
+                   for k in metrics[0]}
 
   def reconstruct(self, params, images, rows=8):
     """First `rows` images, predictions and masks of a global batch, with a
@@ -168,21 +231,45 @@ class Trainer:
 
 
 def train(config, workdir, mesh=None):
-  """Runs (or resumes) pretraining in `workdir`; returns the final state."""
+  """Runs (or resumes) pretraining in `workdir`; returns the final state.
+
+  Holds WORKDIR/.lock while running. SIGTERM saves the current step and
+  returns normally (see workdir.Preemption).
+  """
   from mae_jax.data import pipeline  # the only TensorFlow user
 
   trainer = Trainer(config, workdir, mesh)
   process, processes = jax.process_index(), jax.process_count()
-  steps_per_epoch = pipeline.steps_per_epoch(
-      config.data, config.batch_size * config.accum_iter, processes)
-  trainer.setup(steps_per_epoch)
-  os.makedirs(workdir, exist_ok=True)
-  mngr = trainer.manager()
+  preemption = Preemption()  # from here on SIGTERM saves at a step boundary
+  try:
+    with WorkdirLock(workdir, process):
+      steps_per_epoch = pipeline.steps_per_epoch(
+          config.data, config.batch_size * config.accum_iter, processes)
+      trainer.setup(steps_per_epoch)
+      mngr = trainer.manager()
+      try:
+        state = _loop(trainer, mngr, pipeline, preemption)
+      except BaseException:
+        try:
+          mngr.close()
+        except Exception:  # noqa: BLE001  (the first error is the one to report)
+          pass
+        raise
+      mngr.close()
+      return state
+  finally:
+    preemption.restore()
+
+
+def _loop(trainer, mngr, pipeline, preemption):
+  config, workdir = trainer.config, trainer.workdir
+  process, processes = jax.process_index(), jax.process_count()
   start = mngr.latest_step()
   if start is None:
-    state, start = trainer.init_state(), 0
+    state, start, skipped = trainer.init_state(), 0, 0
   else:
-    state = trainer.restore(mngr, start)
+    state, meta = trainer.restore(mngr, start)
+    skipped = meta.get('skipped', 0)
   monitor = Monitor(workdir, trainer.total_steps, config, active=process == 0)
   monitor.note(f'{"resuming at" if start else "starting"} step {start}/'
                f'{trainer.total_steps} in {workdir} on {trainer.mesh.shape}')
@@ -195,30 +282,49 @@ def train(config, workdir, mesh=None):
     fixed = sharding.global_batch(trainer.mesh, next(pipeline.make_iterator(
         config.data, config.batch_size, seed=config.seed, start_step=0,
         process_index=process, process_count=processes))['image'])
-  pending = None
-  for step in range(start, trainer.total_steps):
-    micro = [sharding.global_batch(trainer.mesh, next(data)['image'])
-             for _ in range(config.accum_iter)]
-    state, metrics = trainer.run_update(state, micro, step)
-    if pending is not None:   # check the previous step without stalling
-      monitor.check_finite(*pending, last_good=mngr.latest_step())
-    pending = (step, metrics)
-    done = step + 1
-    if done % config.log_every_steps == 0 or done == trainer.total_steps:
-      monitor.log(done, jax.device_get(metrics))
-    if (done % config.checkpoint_every_steps == 0
-        or done == trainer.total_steps):
-      monitor.check_finite(*pending, last_good=mngr.latest_step())
-      trainer.save(mngr, done, state)
-    if fixed is not None and (done % config.figure_every_steps == 0
-                              or done == trainer.total_steps):
-      monitor.figure(done, *trainer.reconstruct(state['params'], fixed),
-                     trainer.model.patch_size, config.norm_pix_loss)
-  mngr.wait_until_finished()
-  mngr.close()
-  monitor.note(f'done: checkpoints in {mngr.directory}, metrics in '
-               f'{os.path.join(workdir, "metrics.jsonl")} and {workdir}/tb'
-               + (f', figures in {workdir}/figures' if fixed is not None
-                  else ''))
-  monitor.close()
+  pending = None   # (step, metrics) not yet checked, so the host never waits
+
+  def check():
+    nonlocal pending, skipped
+    if pending is not None:
+      skipped += monitor.check_finite(*pending, last_good=mngr.latest_step(),
+                                      skip=config.skip_nonfinite,
+                                      skipped=skipped)
+      pending = None
+
+  try:
+    for step in range(start, trainer.total_steps):
+      micro = [sharding.global_batch(trainer.mesh, next(data)['image'])
+               for _ in range(config.accum_iter)]
+      state, metrics = trainer.run_update(state, micro, step)
+      check()
+      pending = (step, metrics)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == trainer.total_steps:
+        monitor.log(done, jax.device_get(metrics), skipped)
+      stop = preemption.reached(done)
+      if (done % config.checkpoint_every_steps == 0
+          or done == trainer.total_steps or stop):
+        check()
+        trainer.save(mngr, done, state, skipped)
+      if fixed is not None and (done % config.figure_every_steps == 0
+                                or done == trainer.total_steps):
+        monitor.figure(done, *trainer.reconstruct(state['params'], fixed),
+                       trainer.model.patch_size, config.norm_pix_loss)
+      if stop:
+        finish_saves(mngr, done)
+        monitor.note(f'preempted (SIGTERM): saved step {done}/'
+                     f'{trainer.total_steps} in {mngr.directory}; run the '
+                     'same command to resume')
+        break
+    else:
+      check()
+      finish_saves(mngr, trainer.saving)
+      monitor.note(
+          f'done: checkpoints in {mngr.directory}, metrics in '
+          f'{os.path.join(workdir, "metrics.jsonl")} and {workdir}/tb'
+          + (f', figures in {workdir}/figures' if fixed is not None else '')
+          + (f'; {skipped} non-finite updates skipped' if skipped else ''))
+  finally:
+    monitor.close()
   return state

@@ -20,6 +20,9 @@ own tfds.even_splits share through a shuffle buffer seeded from (seed, e).
   image_key ('image'), label_key ('label'): TFDS feature names.
   augment ('pretrain'): training transform, one of augment.TRAIN_AUGMENTS:
     'pretrain', 'finetune' or 'linprobe' (see mae_jax.data.augment).
+  on_error ('skip'): an unusable folder image is skipped (and named in the
+    log) or, with 'fail', stops the run (see sources.folder).
+  max_pixels (89_478_485): folder images with more pixels are unusable.
 """
 import math
 
@@ -29,7 +32,8 @@ from mae_jax.data import augment, sources
 
 _DEFAULTS = dict(data_dir=None, split='train', repeats=None,
                  shuffle_buffer=10_000, image_key='image', label_key='label',
-                 augment='pretrain')
+                 augment='pretrain', on_error='skip',
+                 max_pixels=sources.MAX_PIXELS)
 _SHUFFLE_INDEX = -1  # example_key index reserved for the epoch's shuffle
 _AUTOTUNE = tf.data.AUTOTUNE
 
@@ -61,7 +65,9 @@ def _source(data_cfg, process_index, process_count, drop_remainder):
     return sources.embedded(_field(data_cfg, 'repeats'))
   if name == 'folder':
     return sources.folder(_field(data_cfg, 'data_dir'),
-                          _field(data_cfg, 'split'))
+                          _field(data_cfg, 'split'),
+                          _field(data_cfg, 'on_error'),
+                          _field(data_cfg, 'max_pixels'))
   builder = sources.tfds_builder(name, _field(data_cfg, 'data_dir'))
   return sources.tfds_share(
       builder, _field(data_cfg, 'split'), process_index, process_count,

@@ -3,28 +3,32 @@
 `embedded` and `folder` are indexed (any example readable by its index, in a
 stable sorted order); `tfds_share` streams one process's share of a split.
 Labels are int32; images come out as uint8 (H, W, 3).
+
+A folder's files are checked once, up front, by reading them with PIL in a
+thread pool (`check_image`): files PIL cannot read whole and images above
+`max_pixels` are skipped (named in the log) or, with on_error='fail', stop
+the run. The example list is fixed before any epoch permutation, so skips
+change neither the determinism nor the resumption of a run. Grayscale, RGBA,
+CMYK, palette and 16-bit images are converted to 8-bit RGB by the decoder.
 """
+import concurrent.futures
 import dataclasses
 import functools
 import importlib.resources
 import math
+import os
 from typing import Callable
 
+from absl import logging
+
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from mae_jax.data import augment
+from mae_jax.embedded import EMBEDDED_FILES
 
-# Photographs shipped inside the scikit-image wheel (no download needed);
-# synthetic images (chessboard, color, logo, phantom, horse) are left out.
-EMBEDDED_FILES = (
-    'astronaut.png', 'brick.png', 'camera.png', 'cell.png', 'chelsea.png',
-    'clock_motion.png', 'coffee.png', 'coins.png', 'grass.png', 'gravel.png',
-    'hubble_deep_field.jpg', 'ihc.png', 'microaneurysms.png', 'moon.png',
-    'motorcycle_left.png', 'motorcycle_right.png', 'page.png', 'retina.jpg',
-    'rocket.jpg', 'text.png')
 MIN_EMBEDDED_EPOCH = 256  # default repeats make an epoch at least this long
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+MAX_PIXELS = 89_478_485  # default image size limit (PIL's MAX_IMAGE_PIXELS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +81,72 @@ def embedded(repeats=None):
   return IndexedSource(n * repeats, n, load)
 
 
-def folder(data_dir, split):
+def check_image(path, max_pixels=MAX_PIXELS):
+  """None if `path` is an image PIL reads whole with at most `max_pixels`
+  pixels, else the reason (one line). JPEGs are decoded DCT-scaled (1/8 per
+  side): every byte is read, 1/64 of the pixels are made."""
+  from PIL import Image
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f, Image.open(f) as image:
+      width, height = image.size
+      if width * height > max_pixels:
+        return (f'too large: {width}x{height} = {width * height} pixels > '
+                f'data.max_pixels={max_pixels}')
+      if image.format == 'JPEG':
+        image.draft('RGB', (max(1, width // 8), max(1, height // 8)))
+      image.load()
+  except Image.DecompressionBombError as e:  # above 2x PIL's own limit
+    return f'too large: {e}'
+  except Exception as e:  # noqa: BLE001  (any failure means: not usable)
+    return f'{type(e).__name__}: {" ".join(str(e).split())}'[:200]
+  return None
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_files(root, on_error, max_pixels):
+  """(paths, labels, classes) of the usable files under root/CLASS/."""
+  classes = sorted(c.rstrip('/') for c in tf.io.gfile.listdir(root)
+                   if tf.io.gfile.isdir(tf.io.gfile.join(root, c)))
+  if not classes:
+    raise ValueError(f'image folder {root!r} has no class sub-directories')
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    class_dir = tf.io.gfile.join(root, name)
+    for f in sorted(tf.io.gfile.listdir(class_dir)):
+      if f.rstrip('/').lower().endswith(IMAGE_EXTENSIONS):
+        paths.append(tf.io.gfile.join(class_dir, f.rstrip('/')))
+        labels.append(label)
+  if not paths:
+    raise ValueError(f'image folder {root!r} holds no files ending in '
+                     f'{", ".join(IMAGE_EXTENSIONS)} in its class directories')
+  workers = min(32, 2 * (os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    reasons = list(pool.map(functools.partial(check_image,
+                                              max_pixels=max_pixels), paths))
+  bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+  if bad and on_error == 'fail':
+    raise ValueError(f'{bad[0][0]}: unusable image ({bad[0][1]}); remove it '
+                     "or set config.data.on_error='skip'")
+  for path, reason in bad:
+    logging.warning('skipping image %s: %s', path, reason)
+  if bad:
+    logging.warning('skipped %d of %d image files under %s '
+                    "(config.data.on_error='skip')", len(bad), len(paths), root)
+  keep = [i for i, r in enumerate(reasons) if r is None]
+  if not keep:
+    raise ValueError(f'image folder {root!r}: none of its {len(paths)} image '
+                     'files is readable')
+  return (tuple(paths[i] for i in keep), tuple(labels[i] for i in keep),
+          tuple(classes))
+
+
+def folder(data_dir, split, on_error='skip', max_pixels=MAX_PIXELS):
   """Images under `data_dir/split/CLASS/*.{jpg,jpeg,png,bmp,gif}`.
 
   Labels are the index of CLASS among the sorted class directories; examples
-  are sorted by (class, file name). Works on any tf.io.gfile path (gs://...).
+  are the usable files sorted by (class, file name). `on_error` ('skip' |
+  'fail') decides what an unusable file does. Works on any tf.io.gfile path
+  (gs://...).
   """
   if not data_dir:
     raise ValueError("data.data_dir must be set for data.name='folder'")
@@ -90,20 +155,7 @@ def folder(data_dir, split):
     raise FileNotFoundError(
         f'image folder {root!r} does not exist '
         f'(data.data_dir={data_dir!r}, data.split={split!r})')
-  classes = sorted(c for c in tf.io.gfile.listdir(root)
-                   if tf.io.gfile.isdir(tf.io.gfile.join(root, c)))
-  if not classes:
-    raise ValueError(f'image folder {root!r} has no class sub-directories')
-  paths, labels = [], []
-  for label, name in enumerate(classes):
-    class_dir = tf.io.gfile.join(root, name.rstrip('/'))
-    for f in sorted(tf.io.gfile.listdir(class_dir)):
-      if f.lower().endswith(IMAGE_EXTENSIONS):
-        paths.append(tf.io.gfile.join(class_dir, f))
-        labels.append(label)
-  if not paths:
-    raise ValueError(f'image folder {root!r} holds no files ending in '
-                     f'{", ".join(IMAGE_EXTENSIONS)} in its class directories')
+  paths, labels, classes = _folder_files(root, on_error, int(max_pixels))
   paths = tf.constant(paths)
   labels = tf.constant(labels, tf.int32)
 
@@ -115,6 +167,7 @@ def folder(data_dir, split):
 
 def tfds_builder(name, data_dir):
   """tfds builder by name; an unknown name is a ValueError naming it."""
+  import tensorflow_datasets as tfds  # slow to import; only needed here
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as e:
@@ -130,6 +183,7 @@ def tfds_share(builder, split, process_index, process_count, *,
   same size. Returns (dataset of (encoded bytes, int32 label, int64 id),
   share size); id is a hash of the example's tfds_id, unique in practice.
   """
+  import tensorflow_datasets as tfds
   share = tfds.even_splits(split, n=process_count,
                            drop_remainder=drop_remainder)[process_index]
   ds = builder.as_dataset(

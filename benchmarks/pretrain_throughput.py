@@ -1,0 +1,202 @@
+"""Throughput of the MAE pretraining step, optionally beside a PyTorch peer.
+
+  python benchmarks/pretrain_throughput.py --model mae_vit_base_patch16 \
+      --batch 16 --dtype float32 --steps 5 [--torch-peer] [--out r.jsonl]
+
+Times the full jitted train step of mae_jax.trainer (forward, backward,
+AdamW update, buffers donated) on synthetic batches after warm-up; prints
+compile time, median step time, img/s, achieved TFLOP/s and MFU, and peak
+device memory where the backend reports it. FLOPs: the analytic count of
+MAE_SPEC section 9 (used for MFU) and XLA's cost analysis of the compiled
+step (printed beside it). `--torch-peer` times Hugging Face transformers'
+ViTMAEForPreTraining of the same size and batch in the same process (AdamW
+betas 0.9/0.95; bf16 via torch.autocast) and prints the ratio. One JSON line
+per configuration goes to --out. Imports no TensorFlow.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import pretrain  # noqa: E402
+from mae_jax import MAE_CONFIGS, sharding, trainer  # noqa: E402
+
+# Dense peak TFLOP/s by device kind and dtype (vendor figures).
+PEAK_TFLOPS = {('H100', 'bfloat16'): 989.0, ('H100', 'float32'): 494.7,
+               ('H200', 'bfloat16'): 989.0, ('H200', 'float32'): 494.7,
+               ('A100', 'bfloat16'): 312.0, ('A100', 'float32'): 156.0}
+
+
+def analytic_flops(model_name, img_size=224, mask_ratio=0.75):
+  """Training FLOPs per image: 3 x forward, 2 per multiply-add; per block
+  24*N*D^2 + 4*N^2*D, plus patch embedding, decoder embed and prediction."""
+  c = MAE_CONFIGS[model_name]
+  p, d, dd = c['patch_size'], c['embed_dim'], c['decoder_embed_dim']
+  length = (img_size // p) ** 2
+  n_enc = 1 + int(length * (1 - mask_ratio))
+  n_dec = 1 + length
+  block = lambda n, w: 24 * n * w * w + 4 * n * n * w
+  fwd = (c['depth'] * block(n_enc, d) + c['decoder_depth'] * block(n_dec, dd)
+         + 2 * length * p * p * 3 * d + 2 * n_enc * d * dd
+         + 2 * n_dec * dd * p * p * 3)
+  return 3 * fwd
+
+
+def peak_tflops(dtype):
+  kind = jax.devices()[0].device_kind
+  for (name, dt), value in PEAK_TFLOPS.items():
+    if name in kind and dt == dtype:
+      return value
+  return None
+
+
+def time_jax(args):
+  config = pretrain.get_config('base')
+  with config.unlocked():
+    config.model = args.model
+    config.dtype = args.dtype
+    config.batch_size = args.batch
+    config.total_steps, config.warmup_steps = 1000, 10
+    config.data.name = 'embedded'
+    config.data.image_size = args.image_size
+    config.attention = args.attention
+    config.remat = args.remat
+  devices = jax.devices()
+  mesh = sharding.make_mesh((len(devices), 1), devices)
+  t = trainer.Trainer(config, '/unused', mesh)
+  t.setup(steps_per_epoch=100)
+  state = t.init_state()
+  images = jax.device_put(
+      jax.random.normal(jax.random.key(0),
+                        (args.batch, args.image_size, args.image_size, 3)),
+      sharding.batch_sharding(mesh))
+  step = jnp.int32(0)
+  micro = jnp.int32(0)
+  start = time.perf_counter()
+  compiled = t.train_step.lower(state, images, step, micro).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+  times = []
+  for i in range(args.warmup + args.steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, images, jnp.int32(i), micro)
+    jax.block_until_ready(metrics['loss'])
+    if i >= args.warmup:
+      times.append(time.perf_counter() - start)
+  stats = devices[0].memory_stats() or {}
+  return {'compile_s': compile_s, 'step_s': statistics.median(times),
+          'step_s_all': times, 'xla_flops_per_step': xla_flops,
+          'peak_bytes': stats.get('peak_bytes_in_use'),
+          'loss': float(metrics['loss'])}
+
+
+def time_torch(args):
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import ViTMAEConfig, ViTMAEForPreTraining  # pylint: disable=import-outside-toplevel
+  c = MAE_CONFIGS[args.model]
+  cfg = ViTMAEConfig(
+      hidden_size=c['embed_dim'], num_hidden_layers=c['depth'],
+      num_attention_heads=c['num_heads'], intermediate_size=4 * c['embed_dim'],
+      decoder_hidden_size=c['decoder_embed_dim'],
+      decoder_num_hidden_layers=c['decoder_depth'],
+      decoder_num_attention_heads=c['decoder_num_heads'],
+      decoder_intermediate_size=4 * c['decoder_embed_dim'],
+      image_size=args.image_size, patch_size=c['patch_size'],
+      layer_norm_eps=1e-6, mask_ratio=0.75, norm_pix_loss=True,
+      hidden_act='gelu', qkv_bias=True)
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  model = ViTMAEForPreTraining(cfg).to(device).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
+                          weight_decay=0.05)
+  images = torch.randn(args.batch, 3, args.image_size, args.image_size,
+                       device=device)
+  autocast = torch.autocast(device_type=device, dtype=torch.bfloat16,
+                            enabled=args.dtype == 'bfloat16')
+  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+  times = []
+  for i in range(args.warmup + args.steps):
+    start = time.perf_counter()
+    with autocast:
+      loss = model(pixel_values=images).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    if i >= args.warmup:
+      times.append(time.perf_counter() - start)
+  return {'step_s': statistics.median(times), 'step_s_all': times,
+          'torch_version': torch.__version__}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--model', default='mae_vit_base_patch16',
+                      choices=sorted(MAE_CONFIGS))
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--dtype', default='float32',
+                      choices=('float32', 'bfloat16'))
+  parser.add_argument('--image-size', type=int, default=224)
+  parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--attention', default='default',
+                      choices=('default', 'xla', 'cudnn'))
+  parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--torch-peer', action='store_true')
+  parser.add_argument('--out', help='append one JSON line here')
+  args = parser.parse_args()
+
+  flops = analytic_flops(args.model, args.image_size)
+  result = {'model': args.model, 'batch': args.batch, 'dtype': args.dtype,
+            'attention': args.attention, 'remat': args.remat, 'device': jax.devices()[0].device_kind,
+            'devices': jax.device_count(), 'host': platform.node(),
+            'cpus': os.cpu_count(), 'jax': jax.__version__,
+            'date': time.strftime('%Y-%m-%d'),
+            'analytic_flops_per_image': flops,
+            'xla_flags': os.environ.get('XLA_FLAGS', '')}
+  result.update(time_jax(args))
+  result['img_per_s'] = args.batch / result['step_s']
+  result['tflops_analytic'] = flops * result['img_per_s'] / 1e12
+  result['tflops_xla'] = (result['xla_flops_per_step'] / result['step_s']
+                          / 1e12)
+  peak = peak_tflops(args.dtype)
+  result['peak_tflops'] = peak
+  result['mfu'] = result['tflops_analytic'] / peak if peak else None
+  print(f'{args.model} batch {args.batch} {args.dtype} attention '
+        f'{args.attention}{" remat" if args.remat else ""}'
+        f' on {result["device"]}: compile '
+        f'{result["compile_s"]:.1f} s, step {1000 * result["step_s"]:.1f} ms, '
+        f'{result["img_per_s"]:.2f} img/s, {result["tflops_analytic"]:.3f} '
+        f'TFLOP/s analytic ({result["tflops_xla"]:.3f} by XLA cost analysis)'
+        + (f', MFU {100 * result["mfu"]:.1f}% (analytic)' if peak else '')
+        + (f', peak memory {result["peak_bytes"] / 2**30:.2f} GiB'
+           if result['peak_bytes'] else ''), flush=True)
+  if args.torch_peer:
+    peer = time_torch(args)
+    result['torch_step_s'] = peer['step_s']
+    result['torch_step_s_all'] = peer['step_s_all']
+    result['torch_version'] = peer['torch_version']
+    result['torch_img_per_s'] = args.batch / peer['step_s']
+    result['ratio_vs_torch'] = result['img_per_s'] / result['torch_img_per_s']
+    print(f'  PyTorch peer (transformers ViTMAEForPreTraining, '
+          f'{"autocast bf16" if args.dtype == "bfloat16" else "fp32"}): '
+          f'{result["torch_img_per_s"]:.2f} img/s; mae_jax / torch = '
+          f'{result["ratio_vs_torch"]:.2f}', flush=True)
+  if args.out:
+    with open(args.out, 'a') as f:
+      f.write(json.dumps(result) + '\n')
+
+
+if __name__ == '__main__':
+  main()
