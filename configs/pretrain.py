@@ -8,7 +8,7 @@ import ml_collections
 VARIANTS = {
     'tiny': dict(model='mae_vit_tiny_patch8', image_size=64, dataset='embedded',
                  batch_size=32, epochs=0, total_steps=600, warmup_epochs=0,
-                 warmup_steps=40, blr=8e-3, norm_pix_loss=False,
+                 warmup_steps=40, blr=1.5e-3, norm_pix_loss=False,
                  dtype='float32', checkpoint_every_steps=200,
                  log_every_steps=50, figure_every_steps=200),
     'base': dict(model='mae_vit_base_patch16'),
