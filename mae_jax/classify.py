@@ -89,12 +89,10 @@ class ClassifierTrainer:
           c.layer_decay, clip_grad=c.clip_grad, accum_iter=c.accum_iter)
       opt_abstract = jax.eval_shape(self.tx.init, params)
     abstract = {**abstract, 'opt_state': opt_abstract}
-    self.shardings = sharding.tree_shardings(self.mesh, abstract)
-    self.abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        abstract, self.shardings)
+    self.shardings, self.abstract = sharding.with_shardings(self.mesh,
+                                                            abstract)
     batch = sharding.batch_sharding(self.mesh)
-    rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    rep = sharding.replicated(self.mesh)
     self.train_step = jax.jit(
         self._train_step, donate_argnums=(0,),
         in_shardings=(self.shardings, batch, batch, rep, rep),

@@ -68,6 +68,19 @@ def tree_shardings(mesh, tree, rules=DEFAULT_RULES):
           mesh, _spec_for(name, np.shape(x), fsdp_size, rules)), tree)
 
 
+def with_shardings(mesh, abstract, rules=DEFAULT_RULES):
+  """(shardings, ShapeDtypeStructs carrying them) for an abstract tree."""
+  shardings = tree_shardings(mesh, abstract, rules)
+  return shardings, jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract, shardings)
+
+
+def replicated(mesh):
+  """A full copy on every device of the mesh."""
+  return NamedSharding(mesh, P())
+
+
 def batch_sharding(mesh):
   """Leading (batch) dimension split over all devices of the mesh."""
   return NamedSharding(mesh, BATCH_SPEC)

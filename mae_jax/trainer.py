@@ -109,12 +109,10 @@ class Trainer:
     abstract_state = {
         'params': abstract,
         'opt_state': jax.eval_shape(self.tx.init, abstract)}
-    self.state_shardings = sharding.tree_shardings(self.mesh, abstract_state)
-    self.abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        abstract_state, self.state_shardings)
+    self.state_shardings, self.abstract_state = sharding.with_shardings(
+        self.mesh, abstract_state)
     batch = sharding.batch_sharding(self.mesh)
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    replicated = sharding.replicated(self.mesh)
     self.train_step = jax.jit(
         self._train_step, donate_argnums=(0,),
         in_shardings=(self.state_shardings, batch, replicated, replicated),

@@ -14,7 +14,6 @@ CMYK, palette and 16-bit images are converted to 8-bit RGB by the decoder.
 import concurrent.futures
 import dataclasses
 import functools
-import importlib.resources
 import math
 import os
 from typing import Callable
@@ -24,7 +23,7 @@ from absl import logging
 import tensorflow as tf
 
 from mae_jax.data import augment
-from mae_jax.embedded import EMBEDDED_FILES
+from mae_jax.embedded import EMBEDDED_FILES, embedded_paths
 
 MIN_EMBEDDED_EPOCH = 256  # default repeats make an epoch at least this long
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
@@ -44,14 +43,8 @@ class IndexedSource:
 def _embedded_pixels():
   """Decodes EMBEDDED_FILES once: int64 shapes (n, 3), sizes (n,), starts
   (n,) into uint8 pixels, the flat concatenation of all photos."""
-  folder_path = importlib.resources.files('skimage') / 'data'
-  images = []
-  for name in EMBEDDED_FILES:
-    path = folder_path / name
-    if not path.is_file():
-      raise FileNotFoundError(f'embedded image {str(path)!r} is missing from '
-                              'the installed scikit-image')
-    images.append(augment.decode_image(path.read_bytes()))
+  images = [augment.decode_image(tf.io.read_file(path))
+            for path in embedded_paths()]
   shapes = tf.constant([im.shape for im in images], tf.int64)
   sizes = tf.reduce_prod(shapes, axis=1)
   starts = tf.cumsum(sizes, exclusive=True)
