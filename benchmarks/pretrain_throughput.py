@@ -6,7 +6,9 @@
 Times the full jitted train step of mae_jax.trainer (forward, backward,
 AdamW update, buffers donated) on synthetic batches after warm-up; prints
 compile time, median step time, img/s, achieved TFLOP/s and MFU, and peak
-device memory where the backend reports it. FLOPs: the analytic count of
+device memory where the backend reports it. `--attention xla,cudnn` times
+several attention modes in one process (a failing mode is reported, the
+rest go on). FLOPs: the analytic count of
 MAE_SPEC section 9 (used for MFU) and XLA's cost analysis of the compiled
 step (printed beside it). `--torch-peer` times Hugging Face transformers'
 ViTMAEForPreTraining of the same size and batch in the same process (AdamW
@@ -60,7 +62,7 @@ def peak_tflops(dtype):
   return None
 
 
-def time_jax(args):
+def time_jax(args, attention):
   config = pretrain.get_config('base')
   with config.unlocked():
     config.model = args.model
@@ -69,7 +71,7 @@ def time_jax(args):
     config.total_steps, config.warmup_steps = 1000, 10
     config.data.name = 'embedded'
     config.data.image_size = args.image_size
-    config.attention = args.attention
+    config.attention = attention
     config.remat = args.remat
   devices = jax.devices()
   mesh = sharding.make_mesh((len(devices), 1), devices)
@@ -140,6 +142,36 @@ def time_torch(args):
           'torch_version': torch.__version__}
 
 
+def report(args, attention, flops):
+  """Times one attention mode; returns its result dict (printed)."""
+  result = {'model': args.model, 'batch': args.batch, 'dtype': args.dtype,
+            'attention': attention, 'remat': args.remat,
+            'device': jax.devices()[0].device_kind,
+            'devices': jax.device_count(), 'host': platform.node(),
+            'cpus': os.cpu_count(), 'jax': jax.__version__,
+            'date': time.strftime('%Y-%m-%d'),
+            'analytic_flops_per_image': flops,
+            'xla_flags': os.environ.get('XLA_FLAGS', '')}
+  result.update(time_jax(args, attention))
+  result['img_per_s'] = args.batch / result['step_s']
+  result['tflops_analytic'] = flops * result['img_per_s'] / 1e12
+  result['tflops_xla'] = (result['xla_flops_per_step'] / result['step_s']
+                          / 1e12)
+  peak = peak_tflops(args.dtype)
+  result['peak_tflops'] = peak
+  result['mfu'] = result['tflops_analytic'] / peak if peak else None
+  print(f'{args.model} batch {args.batch} {args.dtype} attention '
+        f'{attention}{" remat" if args.remat else ""}'
+        f' on {result["device"]}: compile '
+        f'{result["compile_s"]:.1f} s, step {1000 * result["step_s"]:.1f} ms, '
+        f'{result["img_per_s"]:.2f} img/s, {result["tflops_analytic"]:.3f} '
+        f'TFLOP/s analytic ({result["tflops_xla"]:.3f} by XLA cost analysis)'
+        + (f', MFU {100 * result["mfu"]:.1f}% (analytic)' if peak else '')
+        + (f', peak memory {result["peak_bytes"] / 2**30:.2f} GiB'
+           if result['peak_bytes'] else ''), flush=True)
+  return result
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--model', default='mae_vit_base_patch16',
@@ -151,51 +183,54 @@ def main():
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--attention', default='default',
-                      choices=('default', 'xla', 'cudnn'))
+                      help="comma-separated modes from 'default', 'xla', "
+                      "'cudnn'; each is timed, a failing one is reported")
   parser.add_argument('--remat', action='store_true')
   parser.add_argument('--torch-peer', action='store_true')
-  parser.add_argument('--out', help='append one JSON line here')
+  parser.add_argument('--out', help='append one JSON line per mode here')
   args = parser.parse_args()
+  modes = args.attention.split(',')
+  for mode in modes:
+    if mode not in ('default', 'xla', 'cudnn'):
+      parser.error(f'--attention: unknown mode {mode!r}')
 
   flops = analytic_flops(args.model, args.image_size)
-  result = {'model': args.model, 'batch': args.batch, 'dtype': args.dtype,
-            'attention': args.attention, 'remat': args.remat, 'device': jax.devices()[0].device_kind,
-            'devices': jax.device_count(), 'host': platform.node(),
-            'cpus': os.cpu_count(), 'jax': jax.__version__,
-            'date': time.strftime('%Y-%m-%d'),
-            'analytic_flops_per_image': flops,
-            'xla_flags': os.environ.get('XLA_FLAGS', '')}
-  result.update(time_jax(args))
-  result['img_per_s'] = args.batch / result['step_s']
-  result['tflops_analytic'] = flops * result['img_per_s'] / 1e12
-  result['tflops_xla'] = (result['xla_flops_per_step'] / result['step_s']
-                          / 1e12)
-  peak = peak_tflops(args.dtype)
-  result['peak_tflops'] = peak
-  result['mfu'] = result['tflops_analytic'] / peak if peak else None
-  print(f'{args.model} batch {args.batch} {args.dtype} attention '
-        f'{args.attention}{" remat" if args.remat else ""}'
-        f' on {result["device"]}: compile '
-        f'{result["compile_s"]:.1f} s, step {1000 * result["step_s"]:.1f} ms, '
-        f'{result["img_per_s"]:.2f} img/s, {result["tflops_analytic"]:.3f} '
-        f'TFLOP/s analytic ({result["tflops_xla"]:.3f} by XLA cost analysis)'
-        + (f', MFU {100 * result["mfu"]:.1f}% (analytic)' if peak else '')
-        + (f', peak memory {result["peak_bytes"] / 2**30:.2f} GiB'
-           if result['peak_bytes'] else ''), flush=True)
+  results = []
+  for mode in modes:
+    try:
+      result = report(args, mode, flops)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'{args.model} batch {args.batch} attention {mode} FAILED: '
+            f'{type(e).__name__}: {str(e).splitlines()[0][:300]}', flush=True)
+      result = {'model': args.model, 'batch': args.batch,
+                'dtype': args.dtype, 'attention': mode,
+                'error': f'{type(e).__name__}: {e}'[:2000]}
+    results.append(result)
+    write_line(args.out, result)
   if args.torch_peer:
     peer = time_torch(args)
-    result['torch_step_s'] = peer['step_s']
-    result['torch_step_s_all'] = peer['step_s_all']
-    result['torch_version'] = peer['torch_version']
-    result['torch_img_per_s'] = args.batch / peer['step_s']
-    result['ratio_vs_torch'] = result['img_per_s'] / result['torch_img_per_s']
+    peer.update(framework='torch', model=args.model, batch=args.batch,
+                dtype=args.dtype, img_per_s=args.batch / peer['step_s'],
+                device=results[0].get('device'),
+                date=time.strftime('%Y-%m-%d'), ratio_vs_torch={})
     print(f'  PyTorch peer (transformers ViTMAEForPreTraining, '
           f'{"autocast bf16" if args.dtype == "bfloat16" else "fp32"}): '
-          f'{result["torch_img_per_s"]:.2f} img/s; mae_jax / torch = '
-          f'{result["ratio_vs_torch"]:.2f}', flush=True)
-  if args.out:
-    with open(args.out, 'a') as f:
-      f.write(json.dumps(result) + '\n')
+          f'{peer["img_per_s"]:.2f} img/s', flush=True)
+    for result in results:
+      if 'img_per_s' in result:
+        ratio = result['img_per_s'] / peer['img_per_s']
+        peer['ratio_vs_torch'][result['attention']] = ratio
+        print(f'  mae_jax ({result["attention"]} attention) / torch = '
+              f'{ratio:.2f}', flush=True)
+    write_line(args.out, peer)
+
+
+def write_line(path, record):
+  """Appends one JSON line to `path` (if given) at once, so a run cut short
+  keeps what it measured."""
+  if path:
+    with open(path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
 
 
 if __name__ == '__main__':

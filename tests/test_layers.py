@@ -85,3 +85,20 @@ def test_drop_path_only_in_training():
   assert not np.allclose(a, det) and not np.allclose(a, b)
   with pytest.raises(Exception, match='dropout'):
     blk.apply(params, x, deterministic=False)
+
+
+@pytest.mark.parametrize('t', [7, 8])
+def test_attend_odd_length_padding_is_exact(t):
+  # cuDNN needs an even token count when training; the padded path must give
+  # the unpadded values and gradients (fp32 rounding only).
+  q, k, v = (_x((2, t, 3, 8), seed) for seed in (1, 2, 3))
+
+  def loss(q, pad):
+    return jnp.sum(layers.attend(q, k, v, 0.3, 'xla', pad_odd=pad) ** 2)
+
+  plain, padded = layers.attend(q, k, v, 0.3, 'xla', pad_odd=False), \
+      layers.attend(q, k, v, 0.3, 'xla', pad_odd=True)
+  assert padded.shape == (2, t, 3, 8)
+  np.testing.assert_allclose(padded, plain, atol=1e-6)
+  np.testing.assert_allclose(jax.grad(loss)(q, True), jax.grad(loss)(q, False),
+                             atol=1e-5)
