@@ -6,6 +6,14 @@ module without the caller naming it. Converted files are saved at step 0.
 `params` is written uncompressed by orbax's PyTree handler: the layout that
 StandardSave writes and StandardRestore reads, but without zstd, which gains
 little on float32 weights and doubled the peak memory of a conversion.
+
+Block layout: a checkpoint stores the parameters in the layout of the model
+it describes. `scan_blocks` is a saved model field (unlike `remat`, it
+changes the parameter tree): False (also when the field is absent, as in
+checkpoints written before it existed) means the unrolled 'blocks_{i}'
+layout, True the stacked 'blocks' layout of nn.scan. `load(path,
+scan_blocks=...)` converts to the layout asked for, so any checkpoint loads
+into either kind of model; see mae_jax.models.scan_layout.
 """
 import dataclasses
 import os
@@ -16,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from mae_jax.models import MaskedAutoencoder, VisionTransformer
+from mae_jax.models import MaskedAutoencoder, VisionTransformer, to_layout
 from mae_jax.torch_io import CheckpointError
 
 MODEL_CLASSES = {cls.__name__: cls
@@ -119,7 +127,9 @@ def load(path, step=None, **overrides):
 
   `path` is an orbax root written by `save` or a training workdir whose
   `checkpoints/` is one; the newest step is used unless `step` is given.
-  Overrides (e.g. dtype=jnp.bfloat16) go to the module constructor.
+  Overrides (e.g. dtype=jnp.bfloat16) go to the module constructor;
+  scan_blocks=True/False also converts the parameters to that block layout
+  (the default is the layout the checkpoint was written in).
   """
   root = _root(path)
   if not is_checkpoint(path):
@@ -133,7 +143,9 @@ def load(path, step=None, **overrides):
       raise CheckpointError(f'{path}: no finished checkpoint step')
     description = mngr.restore(
         step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))['model']
-    model = build_model(description, **overrides)
+    stored_scan = bool(description['fields'].get('scan_blocks', False))
+    model = build_model(description, **{**overrides,
+                                        'scan_blocks': stored_scan})
     expected = abstract_params(model)
     restore_args = jax.tree.map(
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), expected)
@@ -145,6 +157,10 @@ def load(path, step=None, **overrides):
       raise CheckpointError(f'{path}: parameters do not match '
                             f'{description["class"]}: {e}') from None
   _check_shapes(path, expected, params)
+  scan = bool(overrides.get('scan_blocks', stored_scan))
+  if scan != stored_scan:
+    params = to_layout(params, scan)
+    model = model.clone(scan_blocks=scan)
   return model, {'params': params}
 
 

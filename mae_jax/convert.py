@@ -7,6 +7,12 @@ Key mapping: `blocks.{i}.` <-> `blocks_{i}/`, `decoder_blocks.{i}.` <->
 decoder_pos_embed are fixed sin-cos tables: checked on the way in, rebuilt
 on the way out. Every conversion is strict: any missing, unexpected or
 mis-shaped key is an error that names them all.
+
+Models with scan_blocks=True hold their blocks stacked ('blocks/...' with a
+leading layer axis, see mae_jax.models.scan_layout): conversion always goes
+through the unrolled layout (the one the official key names map to), and
+params are stacked or unstacked at the edges, so every function here takes
+and returns the layout of the model it is given.
 """
 import collections
 import dataclasses
@@ -20,7 +26,7 @@ from flax import traverse_util
 
 from mae_jax import checkpoint
 from mae_jax.models import MAE_CONFIGS, VIT_CONFIGS, create_model
-from mae_jax.models import MaskedAutoencoder
+from mae_jax.models import MaskedAutoencoder, to_layout, unstack_blocks
 from mae_jax.models.pos_embed import resize_grid, sincos_2d
 from mae_jax.torch_io import TRAINING_KEYS, CheckpointError, read_state_dict
 
@@ -84,7 +90,8 @@ def array_to_torch(path, arr):
 
 def torch_shapes(model):
   """Ordered {official key: shape} that `model` needs from a torch file."""
-  flat = traverse_util.flatten_dict(checkpoint.abstract_params(model))
+  flat = traverse_util.flatten_dict(
+      unstack_blocks(checkpoint.abstract_params(model)))
   shapes = collections.OrderedDict()
   for path, leaf in flat.items():
     shape = tuple(leaf.shape)
@@ -229,9 +236,10 @@ def classifier_from_encoder(flat, model, rng, source='<state dict>'):
   global_pool); pos_embed is resampled bicubically to the model's grid.
 
   Returns (params, fresh, skipped): names initialised fresh and source
-  entries not used.
+  entries not used. `flat` is unrolled; params are in the model's layout.
   """
-  expected = traverse_util.flatten_dict(checkpoint.abstract_params(model))
+  expected = traverse_util.flatten_dict(
+      unstack_blocks(checkpoint.abstract_params(model)))
   fresh_modules = ('head', 'fc_norm') if model.global_pool else ('head',)
   fresh = [p for p in expected if p[0] in fresh_modules]
   params, missing, wrong = {}, [], []
@@ -256,14 +264,16 @@ def classifier_from_encoder(flat, model, rng, source='<state dict>'):
   skipped = sorted(to_torch_key(p) for p in set(flat) - set(params))
   fresh_names = sorted({to_torch_key(p[:1]) + '.*' for p in fresh})
   params = {p: params[p] for p in expected}  # keep the model's order
-  return traverse_util.unflatten_dict(params), fresh_names, skipped
+  params = to_layout(traverse_util.unflatten_dict(params), model.scan_blocks)
+  return params, fresh_names, skipped
 
 
 def _flat_encoder(path_or_state):
-  """Encoder weights as a flat Flax dict with pos_embed (1, 1+L, D)."""
+  """Encoder weights as a flat Flax dict (unrolled blocks) with pos_embed
+  (1, 1+L, D)."""
   if isinstance(path_or_state, (str, os.PathLike)):
     if os.path.isdir(path_or_state):
-      model, variables = checkpoint.load(path_or_state)
+      model, variables = checkpoint.load(path_or_state, scan_blocks=False)
       flat = traverse_util.flatten_dict(variables['params'])
       if isinstance(model, MaskedAutoencoder):
         flat[('pos_embed',)] = sincos_2d(model.embed_dim, model.grid_size)[None]
@@ -272,7 +282,7 @@ def _flat_encoder(path_or_state):
   else:
     state = dict(path_or_state.get('params', path_or_state))
     if not any('.' in k for k in state):  # a Flax params tree
-      return traverse_util.flatten_dict(state)
+      return traverse_util.flatten_dict(unstack_blocks(state))
   return _pop_to_flax(dict(state), list(state))
 
 
@@ -292,10 +302,11 @@ def _param_count(params):
 
 
 def from_torch(state_dict, model_name=None, extras=None, source='<weights>',
-               rng=None):
+               rng=None, scan_blocks=False):
   """torch state dict -> (model, params, report lines). Consumes state_dict.
 
-  The model is `model_name` (registry name) or detected from the keys.
+  The model is `model_name` (registry name) or detected from the keys; with
+  scan_blocks it is the nn.scan variant and its params are stacked.
   """
   extras = extras or {}
   found = detect(state_dict, source)
@@ -311,7 +322,7 @@ def from_torch(state_dict, model_name=None, extras=None, source='<weights>',
     overrides = dict(found.overrides)
   else:
     create_model(model_name)  # raises, listing the known names
-  model = create_model(model_name, **overrides)
+  model = create_model(model_name, **overrides, scan_blocks=scan_blocks)
   report = [f'source kind: {found.kind} (size {found.size})']
   if isinstance(model, MaskedAutoencoder):
     if found.kind != 'mae':
@@ -327,6 +338,7 @@ def from_torch(state_dict, model_name=None, extras=None, source='<weights>',
     flat = _pop_to_flax(state_dict, list(state_dict))
     params, fresh, skipped = classifier_from_encoder(flat, model, rng, source)
     report.append('initialised fresh (fine-tuning init): ' + ', '.join(fresh))
+  params = to_layout(params, scan_blocks)
   skipped += [f'{k} (training state, not weights)' for k in extras
               if k in TRAINING_KEYS]
   skipped += [f'{k} (not model weights)' for k in extras
@@ -356,9 +368,10 @@ def convert_file(src, dst, model_name=None):
 # ------------------------------------------------------------ flax -> torch
 def to_torch(model, params):
   """Params -> ordered torch state dict in the official key layout; the MAE
-  gains its fixed pos_embed / decoder_pos_embed tables (1, 1+L, D)."""
+  gains its fixed pos_embed / decoder_pos_embed tables (1, 1+L, D). Params
+  may be in either block layout."""
   import torch  # pylint: disable=import-outside-toplevel
-  flat = traverse_util.flatten_dict(params)
+  flat = traverse_util.flatten_dict(unstack_blocks(params))
   state = collections.OrderedDict()
   for key, shape in torch_shapes(model).items():
     if isinstance(model, MaskedAutoencoder) and key in FIXED_TABLES:

@@ -3,13 +3,25 @@
 Schedules count optimizer updates (not micro-batches): with gradient
 accumulation, update k uses fractional epoch k / updates_per_epoch, as the
 reference evaluates its schedule once per accumulated step.
+
+Stacked block params (models with scan_blocks, names 'blocks/...' and
+'decoder_blocks/...', see mae_jax.models.scan_layout) hold all blocks along
+axis 0: the decay masks judge the rank of one block's slice, and layer-wise
+lr decay scales each slice by its own block's factor.
 """
 import re
 
 import jax
+import numpy as np
 import optax
 
+from mae_jax.models.scan_layout import is_stacked
 from mae_jax.tree import map_with_name
+
+
+def _block_rank(name, x):
+  """Rank of one block's parameter: stacked leaves lose the layer axis."""
+  return x.ndim - 1 if is_stacked(name) else x.ndim
 
 
 def scaled_lr(blr, effective_batch):
@@ -34,7 +46,8 @@ def decay_mask(params, no_decay=()):
   (biases, LayerNorm) are never decayed."""
   patterns = [re.compile(p) for p in no_decay]
   return map_with_name(
-      lambda name, x: x.ndim > 1 and not any(p.search(name) for p in patterns),
+      lambda name, x: (_block_rank(name, x) > 1
+                       and not any(p.search(name) for p in patterns)),
       params)
 
 
@@ -57,14 +70,26 @@ def layer_id(name, depth):
     return 0
   if top.startswith('blocks_'):
     return int(top[len('blocks_'):]) + 1
+  if top == 'blocks':
+    raise ValueError(f'{name} holds all blocks stacked (scan_blocks): it has '
+                     'one layer id per row; see layer_scales')
   return depth + 1
 
 
 def layer_scales(params, depth, layer_decay):
-  """lr scale per parameter: layer_decay ** (depth + 1 - layer_id)."""
-  return map_with_name(
-      lambda name, _: layer_decay ** (depth + 1 - layer_id(name, depth)),
-      params)
+  """lr scale per parameter: layer_decay ** (depth + 1 - layer_id). A leaf
+  of the stacked 'blocks' (scan_blocks) gets an array of shape
+  (depth, 1, ..., 1) holding block i's scale in row i."""
+  def scale(name, x):
+    if name.split('/')[0] == 'blocks':
+      if x.shape[0] != depth:
+        raise ValueError(f'{name}: stacked layer axis of size {x.shape[0]} '
+                         f'!= depth {depth}')
+      per_block = layer_decay ** (depth + 1 - np.arange(1, depth + 1))
+      return per_block.reshape((depth,) + (1,) * (x.ndim - 1)).astype(
+          x.dtype)
+    return layer_decay ** (depth + 1 - layer_id(name, depth))
+  return map_with_name(scale, params)
 
 
 FINETUNE_NO_DECAY = (r'^pos_embed$', r'^cls_token$')
@@ -95,7 +120,14 @@ def lars(schedule, params, weight_decay=0.0, momentum=0.9,
   """LARS as in the MAE linear probe: for parameters of rank > 1,
   g <- g + wd * p, then g <- g * trust * |p| / |g| (1 where a norm is 0);
   mu <- momentum * mu + g; p <- p - lr * mu. Parameters of rank <= 1 skip
-  decay and adaptation."""
+  decay and adaptation. Stacked block params (scan_blocks) are refused: the
+  trust ratio would take one norm over all blocks."""
+  names = jax.tree.leaves(map_with_name(lambda name, _: name, params))
+  stacked = [n for n in names if is_stacked(n)]
+  if stacked:
+    raise ValueError(f'LARS needs one norm per block but {stacked[0]} holds '
+                     'stacked blocks (scan_blocks=True); probe the head only '
+                     'or use scan_blocks=False')
   adapt = map_with_name(lambda _, x: x.ndim > 1, params)
   tx = optax.chain(
       optax.add_decayed_weights(weight_decay, adapt),

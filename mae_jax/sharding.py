@@ -5,6 +5,12 @@ and optimizer state are replicated or sharded over 'fsdp' by a rule table of
 (regex on the '/'-joined path, rule) pairs, first match wins:
   'fsdp'       shard the largest dimension divisible by the fsdp axis size;
   'replicate'  keep a full copy on every device.
+The layer axis (axis 0) of stacked block params (scan_blocks, see
+mae_jax.models.scan_layout) is never sharded: nn.scan slices it one block
+per iteration, and a dynamic slice along a sharded axis makes XLA gather the
+whole operand, undoing what FSDP saves. The rule picks the largest other
+dimension instead (in every registry model a block dimension is larger than
+the depth anyway).
 """
 import re
 
@@ -12,6 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from mae_jax.models.scan_layout import is_stacked
 from mae_jax.tree import map_with_name
 
 AXES = ('data', 'fsdp')
@@ -53,7 +60,9 @@ def _spec_for(name, shape, fsdp_size, rules):
   if rule != 'fsdp':
     raise ValueError(f'unknown sharding rule {rule!r} for {name}; '
                      "use 'fsdp' or 'replicate'")
-  candidates = [i for i, d in enumerate(shape) if d % fsdp_size == 0]
+  first = 1 if is_stacked(name) else 0  # never the stacked layer axis
+  candidates = [i for i, d in enumerate(shape)
+                if i >= first and d % fsdp_size == 0]
   if not candidates:
     return P()
   axis = max(candidates, key=lambda i: shape[i])

@@ -1,5 +1,7 @@
 """Pure Flax modules: no file I/O, no TensorFlow."""
 from mae_jax.models.mae import MAE_CONFIGS, MaskedAutoencoder
+from mae_jax.models.scan_layout import (stack_blocks, to_layout,
+                                       unstack_blocks)
 from mae_jax.models.vit import VIT_CONFIGS, VisionTransformer
 
 

@@ -111,7 +111,25 @@ def drop_path(x, rate, rng):
   keep = 1.0 - rate
   shape = (x.shape[0],) + (1,) * (x.ndim - 1)
   mask = jax.random.bernoulli(rng, keep, shape)
-  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+  # keep may be a traced float32 rate (scanned blocks): stay in x's dtype.
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+def _block_body(blk, x, deterministic, rate, stochastic_depth):
+  """The computation of Block / ScanBlock; submodules belong to `blk`."""
+  kw = dict(dtype=blk.dtype, param_dtype=blk.param_dtype)
+  norm = functools.partial(LayerNorm, **kw)
+
+  def residual(branch):
+    if stochastic_depth and not deterministic:
+      branch = drop_path(branch, rate, blk.make_rng('dropout'))
+    return x + branch
+
+  x = residual(Attention(blk.num_heads, attention_impl=blk.attention_impl,
+                         name='attn', **kw)(norm(name='norm1')(x)))
+  hidden = int(x.shape[-1] * blk.mlp_ratio)
+  x = residual(Mlp(hidden, name='mlp', **kw)(norm(name='norm2')(x)))
+  return x
 
 
 class Block(nn.Module):
@@ -129,22 +147,42 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic=True):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = functools.partial(LayerNorm, **kw)
+    return _block_body(self, x, deterministic, self.drop_path_rate,
+                       self.drop_path_rate > 0)
 
-    def residual(branch):
-      if self.drop_path_rate > 0 and not deterministic:
-        branch = drop_path(branch, self.drop_path_rate,
-                           self.make_rng('dropout'))
-      return x + branch
 
-    x = residual(Attention(self.num_heads, attention_impl=self.attention_impl,
-                           name='attn', **kw)(norm(name='norm1')(x)))
-    hidden = int(x.shape[-1] * self.mlp_ratio)
-    x = residual(Mlp(hidden, name='mlp', **kw)(norm(name='norm2')(x)))
-    return x
+class ScanBlock(Block):
+  """Block as the body of nn.scan: (x, rate) -> (x, None).
+
+  `rate` is this block's stochastic-depth rate, a scanned input, so every
+  block of a stack gets its own; the field `drop_path_rate` only switches
+  stochastic depth on (> 0). `deterministic` is a field, not an argument,
+  because nn.scan passes only arrays through the loop. Parameters and
+  submodule names are those of Block.
+  """
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, rate):  # pylint: disable=arguments-renamed
+    return _block_body(self, x, self.deterministic, rate,
+                       self.drop_path_rate > 0), None
 
 
 def block_class(remat):
   """Block, or Block rematerialised (activations recomputed in backward)."""
   return nn.remat(Block, static_argnums=(2,)) if remat else Block
+
+
+def scan_block_class(remat, length):
+  """ScanBlock lifted by nn.scan over `length` blocks (optionally
+  rematerialised per block inside the loop).
+
+  Parameters are stacked on a leading layer axis ('params': 0) and every
+  block draws its own 'params' and 'dropout' keys. Instances are called as
+  (x, rates) -> (x, None) with rates a (length,) float array of per-block
+  stochastic-depth rates.
+  """
+  body = nn.remat(ScanBlock, prevent_cse=False) if remat else ScanBlock
+  return nn.scan(body, variable_axes={'params': 0},
+                 split_rngs={'params': True, 'dropout': True},
+                 in_axes=0, length=length)

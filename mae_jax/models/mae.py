@@ -37,6 +37,15 @@ def normalize_patches(target, eps=1e-6):
   return (target - mean) / jnp.sqrt(var + eps)
 
 
+def _run_blocks(blocks, x, depth, scanned):
+  if scanned:  # no stochastic depth in the MAE: every rate is 0
+    x, _ = blocks(x, jnp.zeros((depth,), jnp.float32))
+    return x
+  for blk in blocks:
+    x = blk(x, True)  # deterministic, positional: static under remat
+  return x
+
+
 class MaskedAutoencoder(nn.Module):
   """MAE with a ViT encoder that sees only visible patches.
 
@@ -59,6 +68,10 @@ class MaskedAutoencoder(nn.Module):
   param_dtype: Any = jnp.float32
   attention_impl: Optional[str] = None  # None/'xla' or 'cudnn' (GPU)
   remat: bool = False  # recompute block activations in the backward pass
+  # nn.scan over the encoder and decoder blocks: one traced block per stack
+  # (much faster compiles of deep models); params 'blocks'/'decoder_blocks'
+  # stacked on a leading layer axis (see mae_jax.models.scan_layout).
+  scan_blocks: bool = False
 
   @property
   def grid_size(self):
@@ -80,16 +93,27 @@ class MaskedAutoencoder(nn.Module):
     self.patch_embed = layers.PatchEmbed(self.patch_size, self.embed_dim, **kw)
     self.cls_token = self.param('cls_token', token_init,
                                 (1, 1, self.embed_dim), self.param_dtype)
-    self.blocks = [block(self.num_heads, name=f'blocks_{i}')
-                   for i in range(self.depth)]
+    if self.scan_blocks:
+      self.blocks = layers.scan_block_class(self.remat, self.depth)(
+          self.num_heads, mlp_ratio=self.mlp_ratio,
+          attention_impl=self.attention_impl, **kw)
+    else:
+      self.blocks = [block(self.num_heads, name=f'blocks_{i}')
+                     for i in range(self.depth)]
     self.norm = layers.LayerNorm(**kw)
     self.decoder_embed = layers.Dense(self.decoder_embed_dim, **kw)
     self.mask_token = self.param('mask_token', token_init,
                                  (1, 1, self.decoder_embed_dim),
                                  self.param_dtype)
-    self.decoder_blocks = [block(self.decoder_num_heads,
-                                 name=f'decoder_blocks_{i}')
-                           for i in range(self.decoder_depth)]
+    if self.scan_blocks:
+      self.decoder_blocks = layers.scan_block_class(
+          self.remat, self.decoder_depth)(
+              self.decoder_num_heads, mlp_ratio=self.mlp_ratio,
+              attention_impl=self.attention_impl, **kw)
+    else:
+      self.decoder_blocks = [block(self.decoder_num_heads,
+                                   name=f'decoder_blocks_{i}')
+                             for i in range(self.decoder_depth)]
     self.decoder_norm = layers.LayerNorm(**kw)
     self.decoder_pred = layers.Dense(
         self.patch_size ** 2 * self.in_chans, **kw)
@@ -112,8 +136,7 @@ class MaskedAutoencoder(nn.Module):
     cls = (self.cls_token.astype(self.dtype) + pos[:1].astype(self.dtype))
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])),
                          x], axis=1)
-    for blk in self.blocks:
-      x = blk(x)
+    x = _run_blocks(self.blocks, x, self.depth, self.scan_blocks)
     return self.norm(x), mask, ids_restore
 
   def decode(self, latent, ids_restore):
@@ -127,8 +150,8 @@ class MaskedAutoencoder(nn.Module):
     x_ = jnp.take_along_axis(x_, ids_restore[:, :, None], axis=1)
     x = jnp.concatenate([x[:, :1], x_], axis=1)
     x = x + sincos_2d(d, self.grid_size).astype(x.dtype)
-    for blk in self.decoder_blocks:
-      x = blk(x)
+    x = _run_blocks(self.decoder_blocks, x, self.decoder_depth,
+                    self.scan_blocks)
     x = self.decoder_pred(self.decoder_norm(x))
     return x[:, 1:]
 

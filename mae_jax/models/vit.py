@@ -19,7 +19,8 @@ from mae_jax.models.pos_embed import sincos_2d
 
 class VisionTransformer(nn.Module):
   """Encoder + pooling + head. Stochastic depth rises linearly over blocks
-  from 0 to `drop_path_rate`; it needs a 'dropout' RNG when train=True."""
+  from 0 to `drop_path_rate`; it needs a 'dropout' RNG when train=True.
+  With scan_blocks the per-block rates enter the scan as an array."""
   num_classes: int = 1000
   img_size: int = 224
   patch_size: int = 16
@@ -34,6 +35,9 @@ class VisionTransformer(nn.Module):
   param_dtype: Any = jnp.float32
   attention_impl: Optional[str] = None
   remat: bool = False
+  # nn.scan over the blocks (params 'blocks' stacked on a leading layer
+  # axis; see mae_jax.models.scan_layout); per-block rates are scanned.
+  scan_blocks: bool = False
 
   @property
   def grid_size(self):
@@ -62,11 +66,17 @@ class VisionTransformer(nn.Module):
         [jnp.broadcast_to(cls.astype(x.dtype), (n, 1, self.embed_dim)), x],
         axis=1) + pos.astype(x.dtype)
     rates = np.linspace(0, self.drop_path_rate, self.depth)
-    for i in range(self.depth):
-      x = layers.block_class(self.remat)(
-          self.num_heads, self.mlp_ratio, float(rates[i]),
-                       attention_impl=self.attention_impl,
-                       name=f'blocks_{i}', **kw)(x, deterministic=not train)
+    if self.scan_blocks:
+      x, _ = layers.scan_block_class(self.remat, self.depth)(
+          self.num_heads, self.mlp_ratio, self.drop_path_rate,
+          attention_impl=self.attention_impl, deterministic=not train,
+          name='blocks', **kw)(x, jnp.asarray(rates, jnp.float32))
+    else:
+      for i in range(self.depth):  # deterministic positional: static (remat)
+        x = layers.block_class(self.remat)(
+            self.num_heads, self.mlp_ratio, float(rates[i]),
+            attention_impl=self.attention_impl,
+            name=f'blocks_{i}', **kw)(x, not train)
     if self.global_pool:
       x = layers.LayerNorm(name='fc_norm', **kw)(jnp.mean(x[:, 1:], axis=1))
     else:
