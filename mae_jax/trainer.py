@@ -6,9 +6,12 @@ is derived from (seed, step): the mask noise of update `step` is drawn for
 the whole effective batch, so each example gets its own mask under any mesh,
 any process count and any accumulation split.
 """
+import contextlib
 import functools
 import json
+import logging
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +35,8 @@ def build_model(config):
   return create_model(config.model, img_size=config.data.image_size,
                       norm_pix_loss=config.norm_pix_loss,
                       dtype=jnp.dtype(config.dtype), attention_impl=attention,
-                      remat=config.remat)
+                      remat=config.remat,
+                      scan_blocks=config.get('scan_blocks', False))
 
 
 def schedule_for(config, steps_per_epoch):
@@ -52,6 +56,39 @@ def mask_noise(seed, step, micro, micro_batch, accum_iter, length):
   return jax.lax.dynamic_slice_in_dim(noise, micro * micro_batch, micro_batch)
 
 
+def _skip_accumulated(old, new, ok, last):
+  """(state, skipped) of a skip_nonfinite micro-step under optax.MultiSteps.
+
+  A non-finite micro-batch enters the accumulator as NaN gradients, so the
+  accumulator itself says, at every later micro-step of the same update,
+  that the update is bad; parameters are held meanwhile (the NaN would
+  reach them through MultiSteps' zero-scaled updates). At the last
+  micro-step a bad update is dropped: parameters, the wrapped optimizer's
+  state and the update count are those of before the update, and the
+  accumulator is empty again (mini_step is already back to 0). `new` is the
+  state MultiSteps produced from `old`; returns the state to keep and
+  whether the update was dropped.
+  """
+  before, after = old['opt_state'], new['opt_state']
+  if not isinstance(before, optax.MultiStepsState):
+    raise TypeError('skip_nonfinite with accum_iter > 1 expects an '
+                    f'optax.MultiSteps state, got {type(before).__name__}')
+  bad = ~ok | ~jnp.isfinite(optax.tree.norm(before.acc_grads))
+  drop = bad & last
+
+  def pick(use_old, a, b):
+    return jax.tree.map(lambda x, y: jnp.where(use_old, y, x), a, b)
+
+  opt_state = after._replace(
+      gradient_step=pick(drop, after.gradient_step, before.gradient_step),
+      inner_opt_state=pick(drop, after.inner_opt_state,
+                           before.inner_opt_state),
+      acc_grads=jax.tree.map(lambda a: jnp.where(drop, jnp.zeros_like(a), a),
+                             after.acc_grads))
+  return {'params': pick(bad, new['params'], old['params']),
+          'opt_state': opt_state}, drop
+
+
 class CheckpointSaveError(OSError):
   """Writing a checkpoint failed (e.g. a full disk); older ones are intact."""
 
@@ -62,6 +99,69 @@ def _save_failed(mngr, step, error):
       f'saving checkpoint step {step} in {mngr.directory} failed: '
       f'{type(error).__name__}: {error}; the older checkpoints '
       f'{steps or "(none)"} are intact'.replace('\n', ' '))
+
+
+class _NoOrbaxTracebacks(logging.Filter):
+  """Keeps the one-line message of an orbax log record, not its traceback."""
+
+  def filter(self, record):
+    if record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname:
+      record.exc_info = record.exc_text = None
+    return True
+
+
+def _closed_loop_callback(unraisable):
+  """True for the RuntimeError('Event loop is closed') that a write
+  finishing after its asyncio loop was closed reports."""
+  error, tb = unraisable.exc_value, unraisable.exc_traceback
+  names = []
+  while tb is not None:
+    names.append(tb.tb_frame.f_code.co_name)
+    tb = tb.tb_next
+  return (isinstance(error, RuntimeError)
+          and str(error) == 'Event loop is closed'
+          and 'call_soon_threadsafe' in names)
+
+
+def drop_closed_loop_callbacks():
+  """Installs (once) a sys.unraisablehook filter for _closed_loop_callback.
+
+  When one write of an async save fails (e.g. a full disk), orbax closes
+  the save's asyncio loop while the other tensorstore writes are still in
+  flight; each of them, finishing later (up to interpreter exit), reports
+  `RuntimeError: Event loop is closed` with a traceback. They carry nothing
+  beyond the failure the run already reports (CheckpointSaveError), so they
+  are dropped; every other unraisable exception goes to the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop_callbacks', False):
+    return
+
+  def hook(unraisable):
+    if _closed_loop_callback(unraisable):
+      hook.dropped += 1
+    else:
+      previous(unraisable)
+
+  hook.drops_closed_loop_callbacks = True
+  hook.dropped = 0
+  sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def quiet_failed_saves():
+  """A failed save ends the run with one message (CheckpointSaveError,
+  which chains the cause) instead of a page of tracebacks: orbax's log
+  records lose their tracebacks while this is active, and
+  drop_closed_loop_callbacks is installed."""
+  drop_closed_loop_callbacks()
+  quiet = _NoOrbaxTracebacks()
+  logger = logging.getLogger('absl')  # orbax logs through absl.logging
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
 
 
 def save_step(mngr, step, args):
@@ -129,7 +229,16 @@ class Trainer:
     return jax.jit(init, out_shardings=self.state_shardings)()
 
   def _train_step(self, state, images, step, micro):
-    """One micro-step: forward, backward and (every accum_iter) an update."""
+    """One micro-step: forward, backward and (every accum_iter) an update.
+
+    With config.skip_nonfinite, an update whose loss or gradient norm is not
+    finite is skipped whole: parameters and optimizer state stay as they
+    were before it, and metrics['skipped'] is 1 on its last micro-step (so
+    it is counted once). With accum_iter > 1 a non-finite micro-batch drops
+    the update of all accum_iter micro-batches it belongs to (see
+    _skip_accumulated); the micro-step count keeps its pace, so the next
+    update starts on time with an empty accumulator.
+    """
     config = self.config
     noise = mask_noise(config.seed, step, micro, images.shape[0],
                        config.accum_iter, self.length)
@@ -142,14 +251,21 @@ class Trainer:
       return loss
 
     loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+               'lr': self.schedule(step)}
+    ok = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    accumulated = config.skip_nonfinite and config.accum_iter > 1
+    if accumulated:  # a bad micro-batch marks the accumulator (NaN)
+      grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.nan), grads)
     updates, opt_state = self.tx.update(grads, state['opt_state'],
                                         state['params'])
     params = optax.apply_updates(state['params'], updates)
     new = {'params': params, 'opt_state': opt_state}
-    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
-               'lr': self.schedule(step)}
-    if config.skip_nonfinite:  # keep the old state: the update is not applied
-      ok = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    if accumulated:
+      new, skipped = _skip_accumulated(state, new, ok,
+                                       micro == config.accum_iter - 1)
+      metrics['skipped'] = skipped.astype(jnp.float32)
+    elif config.skip_nonfinite:  # keep the old state: no update is applied
       new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
       metrics['skipped'] = 1.0 - ok.astype(jnp.float32)
     return new, metrics
@@ -240,7 +356,7 @@ def train(config, workdir, mesh=None):
   process, processes = jax.process_index(), jax.process_count()
   preemption = Preemption()  # from here on SIGTERM saves at a step boundary
   try:
-    with WorkdirLock(workdir, process):
+    with WorkdirLock(workdir, process), quiet_failed_saves():
       steps_per_epoch = pipeline.steps_per_epoch(
           config.data, config.batch_size * config.accum_iter, processes)
       trainer.setup(steps_per_epoch)
@@ -314,6 +430,10 @@ def _loop(trainer, mngr, pipeline, preemption):
         monitor.note(f'preempted (SIGTERM): saved step {done}/'
                      f'{trainer.total_steps} in {mngr.directory}; run the '
                      'same command to resume')
+        if processes > 1:  # every process says where it stopped
+          logging.getLogger('absl').warning(
+              'process %d of %d: preempted, saved step %d', process,
+              processes, done)
         break
     else:
       check()

@@ -1,4 +1,5 @@
 """Reliability: kills, preemption, NaN, bad images, workdir safety, CLI."""
+import contextlib
 import json
 import os
 import struct
@@ -70,9 +71,15 @@ SKIPPED = ('truncated.jpg', 'huge.png', 'text.jpg', 'broken.jpg',
            'directory.jpg')
 
 
-def test_bad_images_are_converted_or_skipped_and_named(tmp_path, caplog):
+@pytest.fixture(scope='module')
+def bad_folder(tmp_path_factory):
+  """make_bad_folder, made once (the huge PNG takes seconds)."""
+  return make_bad_folder(str(tmp_path_factory.mktemp('bad') / 'data'))
+
+
+def test_bad_images_are_converted_or_skipped_and_named(bad_folder, caplog):
   from mae_jax.data import pipeline, sources
-  data_dir, kinds = make_bad_folder(str(tmp_path / 'data'))
+  data_dir, kinds = bad_folder
   cfg = dict(name='folder', data_dir=data_dir, image_size=16)
   with caplog.at_level('WARNING'):
     n = pipeline.num_examples(cfg)
@@ -91,6 +98,95 @@ def test_bad_images_are_converted_or_skipped_and_named(tmp_path, caplog):
   sources._folder_files.cache_clear()
   with pytest.raises(ValueError, match='broken.jpg: unusable image'):
     pipeline.num_examples(dict(cfg, on_error='fail'))
+
+
+MOCK_ID = 'mock-train.tfrecord-00000-of-00001__{}'
+
+
+def bad_records(data_dir, kinds):
+  """The bytes of make_bad_folder's files as TFDS records (the unreadable
+  ones as empty records)."""
+  records = []
+  for name in kinds:
+    path = os.path.join(data_dir, 'train', 'a', name)
+    records.append(open(path, 'rb').read() if os.path.isfile(path) else b'')
+  return records
+
+
+@contextlib.contextmanager
+def mock_tfds_split(records):
+  """tfds.testing.mock_data where every split holds `records` as 'image'
+  bytes, label i and tfds_id MOCK_ID.format(i)."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+
+  def as_dataset(self, split, **kwargs):
+    del self, split, kwargs
+    return tf.data.Dataset.from_tensor_slices({
+        'image': records, 'label': np.arange(len(records)),
+        'tfds_id': [MOCK_ID.format(i) for i in range(len(records))]})
+
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    yield
+
+
+TFDS_SKIPPED = {'truncated.jpg': 'does not decode (truncated or corrupt)',
+                'huge.png': 'more than data.max_pixels=89478485 pixels',
+                'text.jpg': 'not a BMP, GIF, JPEG, PNG, WebP or JPEG XL image',
+                'broken.jpg': 'not a BMP', 'directory.jpg': 'not a BMP'}
+
+
+def test_bad_tfds_records_are_converted_or_skipped_and_named(bad_folder,
+                                                             caplog):
+  import tensorflow as tf
+  from mae_jax.data import pipeline
+  kinds = bad_folder[1]
+  records = bad_records(*bad_folder)
+  names = list(kinds)
+  bad = [names.index(n) for n in TFDS_SKIPPED]
+  good = [i for i in range(len(names)) if i not in bad]
+  uids = tf.strings.to_hash_bucket_fast(
+      [MOCK_ID.format(i) for i in range(len(names))], 2**62).numpy()
+  n = len(records)
+  cfg = dict(name='imagenet2012', image_size=16, shuffle_buffer=4)
+  with mock_tfds_split(records):
+    # One batch holds the whole split: every record is read in every epoch.
+    with caplog.at_level('WARNING'):
+      it = pipeline.make_iterator(cfg, n, seed=0, with_index=True)
+      run = [next(it), next(it)]
+    for name, reason in TFDS_SKIPPED.items():  # named, with the reason
+      assert (f'{MOCK_ID.format(names.index(name))} of imagenet2012 split '
+              f"'train' (process 0): {reason}") in caplog.text, name
+    assert f'{2 * len(bad)} skipped so far' in caplog.text
+    for batch in run:  # bad slots hold copies of good examples
+      assert batch['image'].shape == (n, 16, 16, 3)
+      assert np.isfinite(batch['image']).all()
+      assert set(batch['index']) == set(uids[good])
+      assert set(batch['label']) == set(good)
+    # Batches of 4 (2 per epoch, 8 of the 11 records): resuming mid-epoch
+    # and at an epoch boundary gives the same batches.
+    four = pipeline.make_iterator(cfg, 4, seed=1, with_index=True)
+    whole = [next(four) for _ in range(4)]
+    for start in (1, 2):  # mid-epoch, an epoch boundary
+      again = pipeline.make_iterator(cfg, 4, seed=1, start_step=start,
+                                     with_index=True)
+      for a in whole[start:]:
+        b = next(again)
+        for k in a:
+          np.testing.assert_array_equal(a[k], b[k])
+    assert set(np.concatenate([b['index'] for b in whole])) <= set(uids[good])
+    # Evaluation marks bad records invalid instead.
+    evals = list(pipeline.make_iterator(cfg, n, seed=0, train=False))
+    assert len(evals) == 1
+    np.testing.assert_array_equal(np.flatnonzero(evals[0]['valid']), good)
+    np.testing.assert_array_equal(evals[0]['label'][good], good)
+    with pytest.raises(ValueError, match=r'TFDS record mock-train.tfrecord-'
+                       r'00000-of-00001__\d+ of imagenet2012 .*: unusable '
+                       r'image \((does not decode|more than|not a BMP)'):
+      next(pipeline.make_iterator(dict(cfg, on_error='fail'), n, seed=0))
+  with mock_tfds_split([b'', b'not an image']):
+    with pytest.raises(ValueError, match='all 2 records of a batch'):
+      next(pipeline.make_iterator(cfg, 2, seed=0))
 
 
 def test_workdir_lock_refuses_a_second_run(tmp_path):
@@ -170,6 +266,44 @@ def test_nan_batch_stops_or_is_skipped(tmp_path, monkeypatch, capsys):
     trainer.train(other, str(tmp_path / 'skip'), mesh)
 
 
+def test_nonfinite_micro_batch_drops_its_whole_accumulated_update():
+  """accum_iter=2, skip_nonfinite: a NaN micro-batch (first or second of
+  update 1) leaves the state exactly as if update 1 had not been run."""
+  import optax
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1),
+                           ('data', 'fsdp'))
+  t = trainer.Trainer(_config(accum_iter=2, skip_nonfinite=True,
+                              batch_size=4), '/nonexistent', mesh)
+  t.model = t.model.clone(depth=1, decoder_depth=1)  # compiles faster
+  t.setup(steps_per_epoch=10)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(3, 2, 4, 64, 64, 3)).astype(np.float32)
+  abstract = t.abstract_state['params']  # random parameters: init_state
+  params = jax.tree.map(                  # compiles slowly on CPU
+      lambda x: rng.normal(0, 0.02, x.shape).astype(x.dtype), abstract)
+  start = {'params': params, 'opt_state': jax.device_get(t.tx.init(params))}
+
+  def run(updates):
+    state = jax.device_put(start, t.state_shardings)
+    skipped = []
+    for step, micro in updates:
+      state, metrics = t.run_update(state, list(micro), step)
+      skipped.append(float(metrics['skipped']))
+    return state, skipped
+
+  expected, _ = run([(0, images[0]), (2, images[2])])  # update 1 left out
+  for bad in (0, 1):
+    poisoned = images.copy()
+    poisoned[1, bad] = np.nan
+    state, skipped = run(enumerate(poisoned))
+    assert skipped == [0, 1, 0], (bad, skipped)
+    opt = state['opt_state']
+    assert isinstance(opt, optax.MultiStepsState)
+    assert int(opt.mini_step) == 0 and int(opt.gradient_step) == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state),
+                 jax.device_get(expected))
+
+
 @pytest.fixture
 def small_disk(tmp_path):
   """A 40 MiB tmpfs (room for one tiny checkpoint, not two), else skip."""
@@ -201,16 +335,49 @@ def test_full_disk_fails_the_save_and_keeps_older_checkpoints(small_disk):
        '--config.checkpoint_every_steps=2', '--config.figure_every_steps=0'],
       env=_env(), text=True, capture_output=True, timeout=600)
   assert out.returncode == 1, out.stderr[-2000:]
-  assert 'error: saving checkpoint step' in out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert lines[-1].startswith('error: saving checkpoint step 4'), lines[-5:]
+  assert 'No space left on device' in lines[-1]
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+
+
+def test_writes_finishing_after_their_event_loop_closed_are_silent(
+    monkeypatch):
+  """The `Event loop is closed` report of a tensorstore write that finishes
+  after orbax closed its loop (a failed save) is dropped; other unraisable
+  exceptions still reach the previous hook."""
+  import asyncio
+  import tensorstore as ts
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', seen.append)
+  trainer.drop_closed_loop_callbacks()
+  promise, future = ts.Promise.new()  # a write in flight ...
+  loop = asyncio.new_event_loop()
+  loop.set_exception_handler(lambda *_: None)  # its task stays pending
+
+  async def wait_for_write():
+    asyncio.ensure_future(future)
+    await asyncio.sleep(0)
+  loop.run_until_complete(wait_for_write())
+  loop.close()  # ... when its loop is closed
+  promise.set_result(None)  # reports through sys.unraisablehook
+  assert sys.unraisablehook.dropped == 1 and not seen
+
+  class Boom:
+    def __del__(self):
+      raise ValueError('boom')
+  Boom()
+  assert [type(u.exc_value) for u in seen] == [ValueError]
 
 
 def test_fault_matrix_ci(tmp_path):
-  """benchmarks/fault_matrix.py in its CI size: 5 kills, 1 SIGTERM."""
+  """benchmarks/fault_matrix.py in its CI size: 3 kills (one at each kind
+  of event), 1 SIGTERM."""
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'benchmarks', 'fault_matrix.py'),
-       '--trials', '5', '--sigterm', '1', '--no-bad-images', '--out',
+       '--trials', '3', '--sigterm', '1', '--no-bad-images', '--out',
        str(tmp_path / 'r.md')], env=_env(), text=True, capture_output=True,
       timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   doc = (tmp_path / 'r.md').read_text()
-  assert doc.count('| ok |') == 6 and 'FAIL' not in doc
+  assert doc.count('| ok |') == 4 and 'FAIL' not in doc
