@@ -173,8 +173,10 @@ def tfds_share(builder, split, process_index, process_count, *,
   """One process's share of a TFDS split, read in a fixed order.
 
   Shares come from tfds.even_splits; with drop_remainder they are all the
-  same size. Returns (dataset of (encoded bytes, int32 label, int64 id),
-  share size); id is a hash of the example's tfds_id, unique in practice.
+  same size. Returns (dataset of (encoded bytes, int32 label, int64 uid,
+  tfds_id string), share size); uid is a hash of the tfds_id, unique in
+  practice, and the tfds_id names a record in the log. The bytes are not
+  checked here: the pipeline handles records that do not decode.
   """
   import tensorflow_datasets as tfds
   share = tfds.even_splits(split, n=process_count,
@@ -189,6 +191,7 @@ def tfds_share(builder, split, process_index, process_count, *,
 
   def unpack(ex):
     uid = tf.strings.to_hash_bucket_fast(ex['tfds_id'], 2**62)
-    return ex[image_key], tf.cast(ex[label_key], tf.int32), uid
+    return (ex[image_key], tf.cast(ex[label_key], tf.int32), uid,
+            ex['tfds_id'])
 
   return ds.map(unpack), size
