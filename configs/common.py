@@ -35,6 +35,7 @@ def classifier_config(task, variant, recipe):
   c.global_pool = v['global_pool']   # True: mean of patch tokens + fc_norm
   c.drop_path = v['drop_path']
   c.dtype = v['dtype']
+  c.scan_blocks = False              # nn.scan over blocks (compile time)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = v['dataset']

@@ -31,7 +31,8 @@ def build_model(config, num_classes):
       config.model, num_classes=num_classes, img_size=config.data.image_size,
       global_pool=config.global_pool, linear_probe=probe,
       drop_path_rate=0.0 if probe else config.drop_path,
-      dtype=jnp.dtype(config.dtype))
+      dtype=jnp.dtype(config.dtype),
+      scan_blocks=config.get('scan_blocks', False))
 
 
 def pretrained_params(init_from, model, rng):
@@ -44,7 +45,8 @@ def pretrained_params(init_from, model, rng):
     return set(flat) == set(expected) and all(
         tuple(flat[k].shape) == tuple(expected[k].shape) for k in flat)
   if os.path.isdir(init_from):
-    loaded, variables = checkpoint.load(init_from)
+    loaded, variables = checkpoint.load(
+        init_from, scan_blocks=model.scan_blocks)
     if isinstance(loaded, VisionTransformer) and fits(variables['params']):
       return variables['params']
   elif not os.path.exists(init_from):
@@ -54,7 +56,8 @@ def pretrained_params(init_from, model, rng):
     from mae_jax.torch_io import read_state_dict
     state, extras = read_state_dict(init_from)
     if convert.detect(state, init_from).kind.startswith('classifier'):
-      _, params, _ = convert.from_torch(state, None, extras, init_from)
+      _, params, _ = convert.from_torch(state, None, extras, init_from,
+                                        scan_blocks=model.scan_blocks)
       if fits(params):
         return params
   return convert.init_classifier_from(init_from, model, rng)['params']
