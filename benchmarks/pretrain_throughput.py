@@ -8,7 +8,8 @@ AdamW update, buffers donated) on synthetic batches after warm-up; prints
 compile time, median step time, img/s, achieved TFLOP/s and MFU, and peak
 device memory where the backend reports it. `--attention xla,cudnn` times
 several attention modes in one process (a failing mode is reported, the
-rest go on). FLOPs: the analytic count of
+rest go on); `--fuse-gather on,off` times the model with and without the
+patch-embedding/masking-gather fusion (config.fuse_patch_gather). FLOPs: the analytic count of
 MAE_SPEC section 9 (used for MFU) and XLA's cost analysis of the compiled
 step (printed beside it). `--torch-peer` times Hugging Face transformers'
 ViTMAEForPreTraining of the same size and batch in the same process (AdamW
@@ -62,7 +63,7 @@ def peak_tflops(dtype):
   return None
 
 
-def time_jax(args, attention):
+def time_jax(args, attention, fuse):
   config = pretrain.get_config('base')
   with config.unlocked():
     config.model = args.model
@@ -73,6 +74,7 @@ def time_jax(args, attention):
     config.data.image_size = args.image_size
     config.attention = attention
     config.remat = args.remat
+    config.fuse_patch_gather = fuse
   devices = jax.devices()
   mesh = sharding.make_mesh((len(devices), 1), devices)
   t = trainer.Trainer(config, '/unused', mesh)
@@ -142,17 +144,18 @@ def time_torch(args):
           'torch_version': torch.__version__}
 
 
-def report(args, attention, flops):
-  """Times one attention mode; returns its result dict (printed)."""
+def report(args, attention, fuse, flops):
+  """Times one mode; returns its result dict (printed)."""
   result = {'model': args.model, 'batch': args.batch, 'dtype': args.dtype,
             'attention': attention, 'remat': args.remat,
+            'fuse_patch_gather': fuse,
             'device': jax.devices()[0].device_kind,
             'devices': jax.device_count(), 'host': platform.node(),
             'cpus': os.cpu_count(), 'jax': jax.__version__,
             'date': time.strftime('%Y-%m-%d'),
             'analytic_flops_per_image': flops,
             'xla_flags': os.environ.get('XLA_FLAGS', '')}
-  result.update(time_jax(args, attention))
+  result.update(time_jax(args, attention, fuse))
   result['img_per_s'] = args.batch / result['step_s']
   result['tflops_analytic'] = flops * result['img_per_s'] / 1e12
   result['tflops_xla'] = (result['xla_flops_per_step'] / result['step_s']
@@ -162,6 +165,7 @@ def report(args, attention, flops):
   result['mfu'] = result['tflops_analytic'] / peak if peak else None
   print(f'{args.model} batch {args.batch} {args.dtype} attention '
         f'{attention}{" remat" if args.remat else ""}'
+        f'{"" if fuse else " unfused-gather"}'
         f' on {result["device"]}: compile '
         f'{result["compile_s"]:.1f} s, step {1000 * result["step_s"]:.1f} ms, '
         f'{result["img_per_s"]:.2f} img/s, {result["tflops_analytic"]:.3f} '
@@ -186,6 +190,9 @@ def main():
                       help="comma-separated modes from 'default', 'xla', "
                       "'cudnn'; each is timed, a failing one is reported")
   parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--fuse-gather', default='on',
+                      help="'on', 'off' or 'on,off': embed only the visible "
+                      "patches (config.fuse_patch_gather)")
   parser.add_argument('--torch-peer', action='store_true')
   parser.add_argument('--out', help='append one JSON line per mode here')
   args = parser.parse_args()
@@ -193,17 +200,23 @@ def main():
   for mode in modes:
     if mode not in ('default', 'xla', 'cudnn'):
       parser.error(f'--attention: unknown mode {mode!r}')
+  fuses = args.fuse_gather.split(',')
+  for fuse in fuses:
+    if fuse not in ('on', 'off'):
+      parser.error(f'--fuse-gather: expected on/off, got {fuse!r}')
+  modes = [(mode, fuse == 'on') for mode in modes for fuse in fuses]
 
   flops = analytic_flops(args.model, args.image_size)
   results = []
-  for mode in modes:
+  for mode, fuse in modes:
     try:
-      result = report(args, mode, flops)
+      result = report(args, mode, fuse, flops)
     except Exception as e:  # pylint: disable=broad-except
       print(f'{args.model} batch {args.batch} attention {mode} FAILED: '
             f'{type(e).__name__}: {str(e).splitlines()[0][:300]}', flush=True)
       result = {'model': args.model, 'batch': args.batch,
                 'dtype': args.dtype, 'attention': mode,
+                'fuse_patch_gather': fuse,
                 'error': f'{type(e).__name__}: {e}'[:2000]}
     results.append(result)
     write_line(args.out, result)
@@ -219,9 +232,11 @@ def main():
     for result in results:
       if 'img_per_s' in result:
         ratio = result['img_per_s'] / peer['img_per_s']
-        peer['ratio_vs_torch'][result['attention']] = ratio
-        print(f'  mae_jax ({result["attention"]} attention) / torch = '
-              f'{ratio:.2f}', flush=True)
+        name = result['attention'] + ('' if result['fuse_patch_gather']
+                                      else ' unfused-gather')
+        peer['ratio_vs_torch'][name] = ratio
+        print(f'  mae_jax ({name} attention) / torch = {ratio:.2f}',
+              flush=True)
     write_line(args.out, peer)
 
 

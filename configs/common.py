@@ -21,7 +21,7 @@ def classifier_config(task, variant, recipe):
            smoothing=0.1)
   v.update(recipe)
   if variant == 'tiny':
-    v.update(image_size=64, dataset='embedded', eval_split='train',
+    v.update(image_size=64, dataset='embedded', eval_split='validation',
              batch_size=32, epochs=0, total_steps=300, warmup_epochs=0,
              warmup_steps=20, dtype='float32', checkpoint_every_steps=100,
              log_every_steps=50, eval_every_steps=100)

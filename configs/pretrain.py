@@ -37,6 +37,7 @@ def get_config(arg='tiny'):
   c.dtype = v['dtype']               # compute dtype; parameters stay float32
   c.attention = 'default'            # 'default', 'xla' or 'cudnn' (GPU only)
   c.remat = False                    # recompute block activations in backward
+  c.fuse_patch_gather = True         # embed only the visible patches
   c.scan_blocks = False              # nn.scan over blocks: faster compiles,
                                      # params stacked (saved in that layout)
 

@@ -7,6 +7,7 @@
               affine + linear head, LARS.
 Random draws (mixup, drop path) come from fold_in(key(seed), step, micro).
 """
+import contextlib
 import json
 import os
 
@@ -209,14 +210,29 @@ def train(config, workdir, mesh=None):
     preemption.restore()
 
 
+def split_of(data_cfg, split):
+  """Context in which the input pipeline reads `split` of data_cfg's source.
+
+  The pipeline passes data.split to folder and TFDS sources itself but not to
+  the embedded photos, whose split ('train' | 'validation' | 'all', see
+  sources.embedded) is set by this context."""
+  if data_cfg['name'] != 'embedded':
+    return contextlib.nullcontext()
+  from mae_jax.data import sources
+  return sources.embedded_split(split)
+
+
 def _train(config, workdir, mesh, preemption):
   from mae_jax.data import pipeline  # the only TensorFlow user
 
-  num_classes = config.num_classes or pipeline.num_classes(config.data)
+  with split_of(config.data, config.data.split):
+    num_classes = config.num_classes or pipeline.num_classes(config.data)
+    steps_per_epoch = pipeline.steps_per_epoch(
+        config.data, config.batch_size * config.accum_iter,
+        jax.process_count())
   t = ClassifierTrainer(config, num_classes, mesh)
   process, processes = jax.process_index(), jax.process_count()
-  t.setup(pipeline.steps_per_epoch(
-      config.data, config.batch_size * config.accum_iter, processes))
+  t.setup(steps_per_epoch)
   os.makedirs(workdir, exist_ok=True)
   mngr = ocp.CheckpointManager(
       os.path.join(workdir, 'checkpoints'), item_names=t.item_names(),
@@ -229,9 +245,10 @@ def _train(config, workdir, mesh, preemption):
   eval_cfg = dict(config.data.to_dict(), split=config.data.eval_split,
                   repeats=1)
   def evaluate(step):
-    batches = pipeline.make_iterator(
-        eval_cfg, config.batch_size, seed=config.seed, train=False,
-        process_index=process, process_count=processes)
+    with split_of(eval_cfg, eval_cfg['split']):
+      batches = pipeline.make_iterator(
+          eval_cfg, config.batch_size, seed=config.seed, train=False,
+          process_index=process, process_count=processes)
     result = t.evaluate(state, batches)
     monitor.log_eval(step, result)
     return result
@@ -243,10 +260,11 @@ def _train(config, workdir, mesh, preemption):
   monitor.note(f'{config.task}: {"resuming at" if start else "starting"} '
                f'step {start}/{t.total_steps}, {num_classes} classes, '
                f'workdir {workdir}')
-  data = pipeline.make_iterator(
-      config.data, config.batch_size, seed=config.seed,
-      start_step=start * config.accum_iter, process_index=process,
-      process_count=processes)
+  with split_of(config.data, config.data.split):
+    data = pipeline.make_iterator(
+        config.data, config.batch_size, seed=config.seed,
+        start_step=start * config.accum_iter, process_index=process,
+        process_count=processes)
   result = None
   for step in range(start, t.total_steps):
     for micro in range(config.accum_iter):

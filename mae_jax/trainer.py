@@ -36,6 +36,7 @@ def build_model(config):
                       norm_pix_loss=config.norm_pix_loss,
                       dtype=jnp.dtype(config.dtype), attention_impl=attention,
                       remat=config.remat,
+                      fuse_patch_gather=config.get('fuse_patch_gather', True),
                       scan_blocks=config.get('scan_blocks', False))
 
 

@@ -61,6 +61,26 @@ def test_given_noise_fixes_mask_and_output(tiny):
   assert not np.array_equal(c[2], d[2])
 
 
+def test_fused_patch_gather_equals_embedding_then_gathering(tiny):
+  """fuse_patch_gather (default) embeds only the visible patches; values and
+  gradients equal those of embedding all patches then gathering tokens, up
+  to fp32 rounding (the matmuls have other shapes, so other blockings)."""
+  model, variables = tiny
+  assert model.fuse_patch_gather
+  unfused = mae_jax.mae_vit_tiny_patch8(fuse_patch_gather=False)
+  noise = jax.random.uniform(jax.random.key(6), (2, 64))
+  imgs = _imgs()
+  for a, b in zip(model.apply(variables, imgs, noise=noise),
+                  unfused.apply(variables, imgs, noise=noise)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+  grads = [jax.grad(lambda v, m=m: m.apply(v, imgs, noise=noise)[0])(
+      variables) for m in (model, unfused)]
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match=r'noise has shape \(2, 63\)'):
+    model.apply(variables, imgs, noise=noise[:, :63])
+
+
 def test_loss_ignores_visible_patches():
   imgs = _imgs()
   pred = jax.random.normal(jax.random.key(1), (2, 64, 192))

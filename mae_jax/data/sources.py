@@ -2,6 +2,8 @@
 
 `embedded` and `folder` are indexed (any example readable by its index, in a
 stable sorted order); `tfds_share` streams one process's share of a split.
+`embedded` also serves a labelled task with a held-out split ('train' |
+'validation', pixel-disjoint parts of each photo; 'all' = whole photos).
 Labels are int32; images come out as uint8 (H, W, 3).
 
 A folder's files are checked once, up front, by reading them with PIL in a
@@ -12,6 +14,8 @@ change neither the determinism nor the resumption of a run. Grayscale, RGBA,
 CMYK, palette and 16-bit images are converted to 8-bit RGB by the decoder.
 """
 import concurrent.futures
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -52,26 +56,98 @@ def _embedded_pixels():
   return shapes, sizes, starts, pixels
 
 
-def embedded(repeats=None):
+# The embedded labelled task (label = which photo) with a held-out split:
+# along its longer side each photo is cut at 2/3; 'train' is the first part,
+# 'validation' the last third, tiled across the shorter side into
+# EMBEDDED_EVAL_TILES crops. The two splits share no pixel.
+EMBEDDED_SPLITS = ('all', 'train', 'validation')
+EMBEDDED_EVAL_FRACTION = 3   # the held-out strip is 1/3 of the longer side
+EMBEDDED_EVAL_TILES = 3      # validation crops per photo
+_EMBEDDED_SPLIT = contextvars.ContextVar('embedded_split', default='all')
+
+
+@contextlib.contextmanager
+def embedded_split(split):
+  """Within this context `embedded()` called without a split (as the input
+  pipeline calls it) serves `split`; outside it serves 'all'.
+
+  The pipeline passes no data.split to the embedded source, so the
+  classifier (mae_jax.classify) names its train and eval splits here.
+  """
+  _check_embedded_split(split)
+  token = _EMBEDDED_SPLIT.set(split)
+  try:
+    yield
+  finally:
+    _EMBEDDED_SPLIT.reset(token)
+
+
+def _check_embedded_split(split):
+  if split not in EMBEDDED_SPLITS:
+    raise ValueError(f'unknown split {split!r} of the embedded photos; '
+                     f'choose one of {", ".join(EMBEDDED_SPLITS)}')
+
+
+def embedded_boxes(height, width, split):
+  """(top, left, height, width) boxes of one photo's examples in `split`:
+  one for 'all' and 'train', EMBEDDED_EVAL_TILES for 'validation'. Integer
+  scalars (Python or tensors) in, int64 scalar tensors out."""
+  _check_embedded_split(split)
+  height = tf.cast(height, tf.int64)
+  width = tf.cast(width, tf.int64)
+  if split == 'all':
+    return [(tf.constant(0, tf.int64), tf.constant(0, tf.int64), height,
+             width)]
+  wide = width >= height  # the longer side is cut (a wide photo: columns)
+  long, short = tf.maximum(height, width), tf.minimum(height, width)
+  cut = long - long // EMBEDDED_EVAL_FRACTION
+  zero = tf.constant(0, tf.int64)
+
+  def box(along_long, along_short, size_long, size_short):
+    return (tf.where(wide, along_short, along_long),
+            tf.where(wide, along_long, along_short),
+            tf.where(wide, size_short, size_long),
+            tf.where(wide, size_long, size_short))
+  if split == 'train':
+    return [box(zero, zero, cut, short)]
+  tiles = EMBEDDED_EVAL_TILES
+  return [box(cut, t * short // tiles, long - cut,
+              (t + 1) * short // tiles - t * short // tiles)
+          for t in range(tiles)]
+
+
+def embedded(repeats=None, split=None):
   """scikit-image's bundled photos, decoded once and held in memory.
 
-  Example i is photo i % n with label i % n (n = len(EMBEDDED_FILES)); each of
-  the `repeats` copies gets its own random crop. Default repeats: the fewest
-  giving at least MIN_EMBEDDED_EPOCH examples.
+  split 'all' (the default outside `embedded_split`; pretraining): example i
+  is photo i % n, whole, with label i % n (n = len(EMBEDDED_FILES)). 'train':
+  the same with each photo's training part only. 'validation': the
+  EMBEDDED_EVAL_TILES held-out crops of each photo, example i being crop
+  i % EMBEDDED_EVAL_TILES of photo (i // EMBEDDED_EVAL_TILES) % n. Each of
+  the `repeats` copies gets its own random crop when trained on. Default
+  repeats: the fewest giving at least MIN_EMBEDDED_EPOCH examples.
   """
+  split = _EMBEDDED_SPLIT.get() if split is None else split
+  _check_embedded_split(split)
   n = len(EMBEDDED_FILES)
+  per_photo = EMBEDDED_EVAL_TILES if split == 'validation' else 1
   if repeats is None:
-    repeats = math.ceil(MIN_EMBEDDED_EPOCH / n)
+    repeats = math.ceil(MIN_EMBEDDED_EPOCH / (n * per_photo))
   if repeats < 1:
     raise ValueError(f'data.repeats must be >= 1, got {repeats}')
   shapes, sizes, starts, pixels = _embedded_pixels()
 
   def load(index):
-    k = index % n
-    flat = pixels[starts[k]:starts[k] + sizes[k]]
-    return tf.reshape(flat, shapes[k]), tf.cast(k, tf.int32)
+    k = (index // per_photo) % n
+    image = tf.reshape(pixels[starts[k]:starts[k] + sizes[k]], shapes[k])
+    if split != 'all':
+      boxes = embedded_boxes(shapes[k][0], shapes[k][1], split)
+      box = tf.gather(tf.stack([tf.stack(b) for b in boxes]),
+                      index % per_photo)
+      image = image[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+    return image, tf.cast(k, tf.int32)
 
-  return IndexedSource(n * repeats, n, load)
+  return IndexedSource(n * per_photo * repeats, n, load)
 
 
 def check_image(path, max_pixels=MAX_PIXELS):

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mae_jax.models.masking import gather_tokens
 from mae_jax.models.patches import patchify
 
 LN_EPS = 1e-6
@@ -23,7 +24,9 @@ class PatchEmbed(nn.Module):
 
   The kernel is stored as a conv kernel (p, p, C, D); it is initialised
   Xavier-uniform as a linear layer of fan_in p*p*C and fan_out D.
-  (N, H, W, C) images -> (N, L, D) tokens.
+  (N, H, W, C) images -> (N, L, D) tokens; with `keep` (N, K) patch indices
+  only those patches are embedded: (N, K, D), as the masking gather of the
+  embedded tokens would give, for K/L of the matmul.
   """
   patch_size: int
   embed_dim: int
@@ -31,7 +34,7 @@ class PatchEmbed(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, imgs):
+  def __call__(self, imgs, keep=None):
     p, c = self.patch_size, imgs.shape[-1]
     init = nn.initializers.variance_scaling(
         1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=3)
@@ -40,6 +43,8 @@ class PatchEmbed(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (self.embed_dim,),
                       self.param_dtype)
     x = patchify(imgs.astype(self.dtype), p)  # (N, L, p*p*C)
+    if keep is not None:
+      x = gather_tokens(x, keep)  # (N, K, p*p*C)
     kernel = kernel.reshape(p * p * c, self.embed_dim).astype(self.dtype)
     return x @ kernel + bias.astype(self.dtype)
 

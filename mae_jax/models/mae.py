@@ -11,7 +11,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mae_jax.models import layers
-from mae_jax.models.masking import draw_noise, random_masking
+from mae_jax.models.masking import (draw_noise, gather_tokens,
+                                    masking_indices, random_masking)
 from mae_jax.models.patches import patchify
 from mae_jax.models.pos_embed import sincos_2d
 
@@ -72,6 +73,10 @@ class MaskedAutoencoder(nn.Module):
   # (much faster compiles of deep models); params 'blocks'/'decoder_blocks'
   # stacked on a leading layer axis (see mae_jax.models.scan_layout).
   scan_blocks: bool = False
+  # Embed only the visible patches (gather patch vectors, then the matmul)
+  # instead of embedding all and gathering tokens: same values, 1/4 of the
+  # patch-embedding FLOPs at mask ratio 0.75.
+  fuse_patch_gather: bool = True
 
   @property
   def grid_size(self):
@@ -129,10 +134,21 @@ class MaskedAutoencoder(nn.Module):
     """(N, H, W, C) -> latent (N, 1 + len_keep, D), mask (N, L), ids_restore."""
     self._check_images(imgs)
     pos = sincos_2d(self.embed_dim, self.grid_size)  # (1 + L, D) constant
-    x = self.patch_embed(imgs) + pos[1:].astype(self.dtype)
+    pos_patches = jnp.broadcast_to(pos[1:].astype(self.dtype)[None],
+                                   (imgs.shape[0],) + pos[1:].shape)
     if noise is None:
-      noise = draw_noise(self.make_rng('mask'), x.shape[0], x.shape[1])
-    x, mask, ids_restore = random_masking(x, mask_ratio, noise)
+      noise = draw_noise(self.make_rng('mask'), imgs.shape[0],
+                         self.num_patches)
+    if noise.shape != (imgs.shape[0], self.num_patches):
+      raise ValueError(f'noise has shape {noise.shape}, expected '
+                       f'{(imgs.shape[0], self.num_patches)}')
+    if self.fuse_patch_gather:
+      ids_keep, mask, ids_restore = masking_indices(noise, mask_ratio)
+      x = (self.patch_embed(imgs, keep=ids_keep)
+           + gather_tokens(pos_patches, ids_keep))
+    else:
+      x = self.patch_embed(imgs) + pos_patches
+      x, mask, ids_restore = random_masking(x, mask_ratio, noise)
     cls = (self.cls_token.astype(self.dtype) + pos[:1].astype(self.dtype))
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])),
                          x], axis=1)

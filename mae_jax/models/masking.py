@@ -30,16 +30,29 @@ def random_masking(x, mask_ratio, noise):
   n, length, _ = x.shape
   if noise.shape != (n, length):
     raise ValueError(f'noise has shape {noise.shape}, expected {(n, length)}')
+  ids_keep, mask, ids_restore = masking_indices(noise, mask_ratio)
+  return gather_tokens(x, ids_keep), mask, ids_restore
+
+
+def masking_indices(noise, mask_ratio):
+  """The index part of `random_masking`: noise (N, L) -> ids_keep
+  (N, len_keep) int32 (visible tokens in shuffled order), mask (N, L) float
+  (1 = removed), ids_restore (N, L) int32."""
+  n, length = noise.shape
   len_keep = num_kept(length, mask_ratio)
   ids_shuffle = jnp.argsort(noise, axis=1)
   ids_restore = jnp.argsort(ids_shuffle, axis=1)
-  ids_keep = ids_shuffle[:, :len_keep]
-  x_kept = jnp.take_along_axis(x, ids_keep[:, :, None], axis=1)
   mask = jnp.concatenate(
       [jnp.zeros((n, len_keep), jnp.float32),
        jnp.ones((n, length - len_keep), jnp.float32)], axis=1)
   mask = jnp.take_along_axis(mask, ids_restore, axis=1)
-  return x_kept, mask, ids_restore.astype(jnp.int32)
+  return (ids_shuffle[:, :len_keep].astype(jnp.int32), mask,
+          ids_restore.astype(jnp.int32))
+
+
+def gather_tokens(x, ids):
+  """x (N, L, D), ids (N, K) -> (N, K, D): x[n, ids[n, k]]."""
+  return jnp.take_along_axis(x, ids[:, :, None], axis=1)
 
 
 def draw_noise(key, batch, length):
