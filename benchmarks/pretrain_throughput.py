@@ -63,7 +63,10 @@ def peak_tflops(dtype):
   return None
 
 
-def time_jax(args, attention, fuse):
+def build_step(args, attention='default', fuse=True):
+  """(compiled train step, state, images, compile seconds) of mae_jax's
+  pretraining step for args.model / batch / dtype / image_size / remat,
+  on all devices (data parallel), with a synthetic batch."""
   config = pretrain.get_config('base')
   with config.unlocked():
     config.model = args.model
@@ -73,7 +76,7 @@ def time_jax(args, attention, fuse):
     config.data.name = 'embedded'
     config.data.image_size = args.image_size
     config.attention = attention
-    config.remat = args.remat
+    config.remat = getattr(args, 'remat', False)
     config.fuse_patch_gather = fuse
   devices = jax.devices()
   mesh = sharding.make_mesh((len(devices), 1), devices)
@@ -84,11 +87,27 @@ def time_jax(args, attention, fuse):
       jax.random.normal(jax.random.key(0),
                         (args.batch, args.image_size, args.image_size, 3)),
       sharding.batch_sharding(mesh))
-  step = jnp.int32(0)
-  micro = jnp.int32(0)
   start = time.perf_counter()
-  compiled = t.train_step.lower(state, images, step, micro).compile()
-  compile_s = time.perf_counter() - start
+  compiled = t.train_step.lower(state, images, jnp.int32(0),
+                                jnp.int32(0)).compile()
+  return compiled, state, images, time.perf_counter() - start
+
+
+def add_step_args(parser):
+  """The flags that name the timed step: --model --batch --dtype
+  --image-size --steps."""
+  parser.add_argument('--model', default='mae_vit_base_patch16',
+                      choices=sorted(MAE_CONFIGS))
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--dtype', default='float32',
+                      choices=('float32', 'bfloat16'))
+  parser.add_argument('--image-size', type=int, default=224)
+  parser.add_argument('--steps', type=int, default=5)
+
+
+def time_jax(args, attention, fuse):
+  compiled, state, images, compile_s = build_step(args, attention, fuse)
+  micro = jnp.int32(0)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
@@ -99,7 +118,7 @@ def time_jax(args, attention, fuse):
     jax.block_until_ready(metrics['loss'])
     if i >= args.warmup:
       times.append(time.perf_counter() - start)
-  stats = devices[0].memory_stats() or {}
+  stats = jax.devices()[0].memory_stats() or {}
   return {'compile_s': compile_s, 'step_s': statistics.median(times),
           'step_s_all': times, 'xla_flops_per_step': xla_flops,
           'peak_bytes': stats.get('peak_bytes_in_use'),
@@ -178,13 +197,7 @@ def report(args, attention, fuse, flops):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--model', default='mae_vit_base_patch16',
-                      choices=sorted(MAE_CONFIGS))
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--dtype', default='float32',
-                      choices=('float32', 'bfloat16'))
-  parser.add_argument('--image-size', type=int, default=224)
-  parser.add_argument('--steps', type=int, default=5)
+  add_step_args(parser)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--attention', default='default',
                       help="comma-separated modes from 'default', 'xla', "

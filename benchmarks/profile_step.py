@@ -1,10 +1,10 @@
-"""Where the pretraining step spends its time: a jax.profiler trace of the
-compiled train step, its op times summed by kind.
+"""Where the pretraining step spends its time: op time by kind, traced.
 
   python benchmarks/profile_step.py --model mae_vit_base_patch16 --batch 16 \
       [--dtype float32] [--steps 3] [--out profile.json]
 
-Runs the real jitted train step of mae_jax.trainer (as
+A jax.profiler trace of the compiled train step, its op times summed by
+kind. Runs the real jitted train step of mae_jax.trainer (as
 benchmarks/pretrain_throughput.py does) on a synthetic batch, traces
 --steps steps after two warm-up steps, and classifies every XLA op of the
 trace by what its HLO computes: matmuls (dot, alone or fused), attention
@@ -29,9 +29,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from configs import pretrain  # noqa: E402
-from mae_jax import sharding, trainer  # noqa: E402
-from mae_jax.models import MAE_CONFIGS  # noqa: E402
+from benchmarks.pretrain_throughput import add_step_args, build_step  # noqa: E402
 
 # First match wins: a fusion holding a dot is a matmul whatever else it does.
 KINDS = (('matmul', ('dot(', 'convolution(')),
@@ -81,30 +79,13 @@ def hlo_kinds(hlo_text):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--model', default='mae_vit_base_patch16',
-                      choices=sorted(MAE_CONFIGS))
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--dtype', default='float32',
-                      choices=('float32', 'bfloat16'))
-  parser.add_argument('--image-size', type=int, default=224)
-  parser.add_argument('--steps', type=int, default=3)
+  add_step_args(parser)
   parser.add_argument('--out', help='write the table here as JSON')
+  parser.set_defaults(steps=3)
   args = parser.parse_args()
 
-  config = pretrain.get_config('base')
-  with config.unlocked():
-    config.model, config.dtype, config.batch_size = (args.model, args.dtype,
-                                                     args.batch)
-    config.total_steps, config.warmup_steps = 1000, 10
-    config.data.name, config.data.image_size = 'embedded', args.image_size
-  mesh = sharding.make_mesh((1, 1), jax.devices()[:1])
-  t = trainer.Trainer(config, '/unused', mesh)
-  t.setup(steps_per_epoch=100)
-  state = t.init_state()
-  images = jax.random.normal(
-      jax.random.key(0), (args.batch, args.image_size, args.image_size, 3))
+  compiled, state, images, _ = build_step(args)
   micro = jnp.int32(0)
-  compiled = t.train_step.lower(state, images, jnp.int32(0), micro).compile()
   kinds = hlo_kinds(compiled.as_text())
   for i in range(2):
     state, metrics = compiled(state, images, jnp.int32(i), micro)

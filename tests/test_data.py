@@ -142,6 +142,28 @@ def test_image_folder(folder_root):
   np.testing.assert_array_equal(padded[0]['valid'], [True, False, False])
 
 
+def test_image_folder_pretraining_reads_bytes(folder_root, monkeypatch):
+  """Pretraining on a folder transforms the file bytes
+  (train_transform_jpeg: a JPEG decodes only its crop window, other formats
+  fully), with the example's own key."""
+  cfg = dict(name='folder', data_dir=str(folder_root), split='train',
+             image_size=SIZE)
+  calls = []
+  real = augment.train_transform_jpeg
+  monkeypatch.setattr(augment, 'train_transform_jpeg',
+                      lambda *a: calls.append(1) or real(*a))
+  batch = next(pipeline.make_iterator(cfg, 4, seed=3, with_index=True))
+  assert calls
+  monkeypatch.setattr(augment, 'train_transform_jpeg', real)
+  paths = sorted(str(p) for p in (folder_root / 'train').glob('*/*')
+                 if p.suffix != '.txt')
+  for image, index in zip(batch['image'], batch['index']):
+    data = tf.io.read_file(paths[index])
+    expected = augment.train_transform_jpeg(
+        data, augment.example_key(3, 0, index), SIZE)
+    np.testing.assert_allclose(image, expected, atol=1e-6)
+
+
 def test_image_folder_errors(folder_root, tmp_path):
   with pytest.raises(FileNotFoundError, match='missing'):
     pipeline.num_examples(dict(name='folder', image_size=SIZE, split='train',
@@ -189,6 +211,41 @@ def test_tfds_mock_imagenet():
         np.testing.assert_array_equal(a[k], b[k])
     evals = list(pipeline.make_iterator(cfg, 8, seed=0, train=False))
     assert len(evals) == 2 and evals[1]['valid'].sum() == 4
+
+
+def test_tfds_jpeg_records_decode_only_the_crop_window(monkeypatch):
+  """Pretraining on TFDS records: a JPEG goes through train_transform_jpeg
+  (same draws, only the crop window decoded), other formats through a full
+  decode; the header's size check still applies."""
+  rng = np.random.default_rng(0)
+  image = np.repeat(np.repeat(rng.integers(0, 256, (12, 17, 3), np.uint8),
+                              8, 0), 8, 1)  # (96, 136, 3), JPEG-friendly
+  jpeg = tf.io.encode_jpeg(image, quality=95)
+  png = tf.io.encode_png(image)
+  key = augment.example_key(0, 1, 5)
+  full = lambda im: augment.train_transform(im, key, SIZE)  # noqa: E731
+  window = lambda d: augment.train_transform_jpeg(d, key, SIZE)  # noqa: E731
+  got, status = pipeline._read_checked(jpeg, full, SIZE, 10**6, window)
+  assert int(status) == pipeline.OK
+  np.testing.assert_array_equal(got, window(jpeg))
+  got, status = pipeline._read_checked(png, full, SIZE, 10**6, window)
+  np.testing.assert_array_equal(got, full(augment.decode_image(png)))
+  got, status = pipeline._read_checked(jpeg, full, SIZE, 1000, window)
+  assert int(status) == pipeline.TOO_LARGE and not np.any(got)
+
+  calls = []
+  real = augment.train_transform_jpeg
+  monkeypatch.setattr(augment, 'train_transform_jpeg',
+                      lambda *a: calls.append(1) or real(*a))
+  cfg = dict(name='imagenet2012', image_size=SIZE, shuffle_buffer=8)
+  with tfds.testing.mock_data(num_examples=8,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    batch = next(pipeline.make_iterator(cfg, 8, seed=0))
+    assert calls  # the mock's JPEG records took the crop-window path
+    assert batch['image'].shape == (8, SIZE, SIZE, 3)
+    calls.clear()
+    next(pipeline.make_iterator(dict(cfg, augment='linprobe'), 8, seed=0))
+    assert not calls  # no bytes transform for the other augments
 
 
 def test_crop_boxes_follow_torchvision_ranges():

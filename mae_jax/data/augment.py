@@ -294,6 +294,14 @@ def get_train_transform(name):
   return transforms[name]
 
 
+def get_train_bytes_transform(name):
+  """The training transform of encoded bytes fn(bytes, key, size) that
+  decodes only a JPEG's crop window, for the data.augment that has one
+  ('pretrain': train_transform_jpeg), else None."""
+  get_train_transform(name)  # checks the name
+  return {'pretrain': train_transform_jpeg}.get(name)
+
+
 def eval_transform(image, size, crop_pct=CROP_PCT):
   """Resize shorter side to int(size / crop_pct) as PIL bicubic does, center
   crop size x size (top = round((h - size) / 2), half to even, as

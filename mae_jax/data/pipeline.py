@@ -32,7 +32,9 @@ ValueError either way.
   shuffle_buffer (10_000): TFDS examples held in the shuffle buffer.
   image_key ('image'), label_key ('label'): TFDS feature names.
   augment ('pretrain'): training transform, one of augment.TRAIN_AUGMENTS:
-    'pretrain', 'finetune' or 'linprobe' (see mae_jax.data.augment).
+    'pretrain', 'finetune' or 'linprobe' (see mae_jax.data.augment). With
+    'pretrain', folder files and TFDS records go through
+    augment.train_transform_jpeg: a JPEG decodes only its crop window.
   on_error ('skip'): an unusable folder image or TFDS record is skipped (and
     named in the log) or, with 'fail', stops the run (see sources.folder and
     above).
@@ -199,10 +201,10 @@ def _bytes_int(header, start, count, big_endian=False):
 
 
 def _header_pixels(data):
-  """(known, pixels) of encoded image bytes, without decoding: known says
-  tf.io.decode_image recognises the format; pixels is width x height from
-  a JPEG, PNG, GIF or BMP header, else -1. A JPEG whose header is corrupt
-  raises (tf.io.extract_jpeg_shape)."""
+  """(known, pixels, is_jpeg) of encoded image bytes, without decoding: known
+  says tf.io.decode_image recognises the format; pixels is width x height
+  from a JPEG, PNG, GIF or BMP header, else -1. A JPEG whose header is
+  corrupt raises (tf.io.extract_jpeg_shape)."""
   header = tf.strings.substr(tf.strings.join(
       [tf.strings.substr(data, 0, _HEADER), tf.constant(b'\0' * _HEADER)]),
                              0, _HEADER)
@@ -234,14 +236,16 @@ def _header_pixels(data):
   pixels = tf.case([(is_jpeg, jpeg), (is_png, png), (is_gif, gif),
                     (is_bmp, bmp)],
                    default=lambda: tf.constant(-1, tf.int64))
-  return is_jpeg | is_png | is_gif | is_bmp | other, pixels
+  return is_jpeg | is_png | is_gif | is_bmp | other, pixels, is_jpeg
 
 
-def _read_checked(data, transform, size, max_pixels):
+def _read_checked(data, transform, size, max_pixels, jpeg_transform=None):
   """(transform(uint8 image), status) of encoded bytes; status OK, or
   NOT_AN_IMAGE / TOO_LARGE with a zero image. Raises where the bytes do not
-  decode (the caller drops those: UNDECODABLE)."""
-  known, pixels = _header_pixels(data)
+  decode (the caller drops those: UNDECODABLE). With `jpeg_transform` (fn of
+  the bytes) a JPEG goes through it instead: its header already gave the
+  true size, and it decodes only what it needs (the crop window)."""
+  known, pixels, is_jpeg = _header_pixels(data)
   status = tf.where(known, tf.where(pixels > max_pixels, TOO_LARGE, OK),
                     NOT_AN_IMAGE)
   zeros = tf.zeros([size, size, 3])
@@ -253,11 +257,16 @@ def _read_checked(data, transform, size, max_pixels):
                    lambda: (zeros, tf.constant(TOO_LARGE)),
                    lambda: (transform(image), tf.constant(OK)))
 
+  if jpeg_transform is not None:
+    decode_image = decode
+    decode = lambda: tf.cond(  # noqa: E731
+        is_jpeg, lambda: (jpeg_transform(data), tf.constant(OK)),
+        decode_image)
   return tf.cond(tf.equal(status, OK), decode, lambda: (zeros, status))
 
 
 def _tfds_batches(refs, local, transform, size, max_pixels, train,
-                  with_index):
+                  with_index, jpeg_transform=None):
   """Batches of TFDS (reference, extra) pairs (extra: epoch, or valid in
   evaluation) whose bad records are filled as the module docstring says.
 
@@ -265,13 +274,15 @@ def _tfds_batches(refs, local, transform, size, max_pixels, train,
   errors are dropped (ignore_errors), so a record that fails to decode costs
   only its own slot. Besides 'image', 'label' ('index': uid, with
   with_index; 'valid' in evaluation) a batch holds '_status' (L,) int32 and
-  '_id' (L,) tfds_id strings for _reported.
+  '_id' (L,) tfds_id strings for _reported. `jpeg_transform`, if given,
+  fn(bytes, extra, uid), replaces decode + transform for JPEG records.
   """
   @tf.autograph.experimental.do_not_convert  # plain TF ops: trace faster
   def example(ref, extra, slot):
     data, label, uid, _ = ref
     image, status = _read_checked(
-        data, lambda im: transform(im, extra, uid), size, max_pixels)
+        data, lambda im: transform(im, extra, uid), size, max_pixels,
+        jpeg_transform and (lambda d: jpeg_transform(d, extra, uid)))
     return {'image': image, 'label': label, 'index': uid, 'status': status,
             'slot': slot}
 
@@ -386,9 +397,18 @@ def make_iterator(data_cfg, global_batch_size, *, seed, start_step=0,
     def transform(image, epoch, index):
       return train_transform(image, augment.example_key(seed, epoch, index),
                              size)
+
+    jpeg_transform = None
+    bytes_transform = augment.get_train_bytes_transform(
+        _field(data_cfg, 'augment'))
+    if bytes_transform is not None:  # same draws, crop window decoded only
+      def jpeg_transform(data, epoch, index):
+        return bytes_transform(data, augment.example_key(seed, epoch, index),
+                               size)
   else:
     refs = _eval_refs(src, data_cfg, global_batch_size, process_index,
                       process_count)
+    jpeg_transform = None
 
     def transform(image, valid, index):
       del valid, index
@@ -396,9 +416,15 @@ def make_iterator(data_cfg, global_batch_size, *, seed, start_step=0,
 
   indexed = isinstance(src, sources.IndexedSource)
   if indexed:
+    load_bytes = src.load_bytes if jpeg_transform else None
+
     def example(index, extra):
-      image, label = src.load(index)
-      out = {'image': transform(image, extra, index), 'label': label}
+      if load_bytes is not None:  # a JPEG file decodes its crop window only
+        data, label = load_bytes(index)
+        out = {'image': jpeg_transform(data, extra, index), 'label': label}
+      else:
+        image, label = src.load(index)
+        out = {'image': transform(image, extra, index), 'label': label}
       if not train:
         out['valid'] = extra
       if with_index:
@@ -409,7 +435,7 @@ def make_iterator(data_cfg, global_batch_size, *, seed, start_step=0,
   else:
     max_pixels = int(_field(data_cfg, 'max_pixels'))
     ds = _tfds_batches(refs, local, transform, size, max_pixels, train,
-                       with_index)
+                       with_index, jpeg_transform)
   options = tf.data.Options()
   options.deterministic = True
   batches = ds.prefetch(_AUTOTUNE).with_options(options).as_numpy_iterator()

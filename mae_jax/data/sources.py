@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 from absl import logging
 
@@ -37,10 +37,12 @@ MAX_PIXELS = 89_478_485  # default image size limit (PIL's MAX_IMAGE_PIXELS)
 @dataclasses.dataclass(frozen=True)
 class IndexedSource:
   """`num_examples` examples; `load(index)` -> (uint8 (H, W, 3), int32 label)
-  for an int64 scalar index in [0, num_examples)."""
+  for an int64 scalar index in [0, num_examples); where the examples are
+  files, `load_bytes(index)` -> (encoded bytes, int32 label)."""
   num_examples: int
   num_classes: int
   load: Callable
+  load_bytes: Optional[Callable] = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -231,7 +233,10 @@ def folder(data_dir, split, on_error='skip', max_pixels=MAX_PIXELS):
   def load(index):
     return augment.decode_image(tf.io.read_file(paths[index])), labels[index]
 
-  return IndexedSource(len(labels), len(classes), load)
+  def load_bytes(index):
+    return tf.io.read_file(paths[index]), labels[index]
+
+  return IndexedSource(len(labels), len(classes), load, load_bytes)
 
 
 def tfds_builder(name, data_dir):
