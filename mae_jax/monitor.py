@@ -5,6 +5,7 @@ Only the active process (process 0) writes; every process checks values.
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -106,6 +107,33 @@ class Monitor:
     return path
 
   def close(self):
-    if self.active:
+    """Flushes and closes the files. A write that fails here (a full disk)
+    is reported in one warning line, not raised: it must not hide the
+    error that ends the run, nor come back at interpreter exit."""
+    if not self.active:
+      return
+    errors = []
+    writers = list((self.tb.all_writers or {}).values())
+    try:
       self.tb.close()
+    except OSError as e:
+      errors.append(e)
+      for writer in writers:  # tensorboardX retries close() at exit
+        writer.event_writer = _ClosedEventWriter()
+    try:
       self.jsonl.close()
+    except OSError as e:
+      errors.append(e)
+    if errors:
+      print(f'warning: metrics of {self.workdir} may be incomplete: '
+            f'{errors[0]}', file=sys.stderr, flush=True)
+
+
+class _ClosedEventWriter:
+  """Stands in for a tensorboardX event writer whose final flush failed."""
+
+  def close(self):
+    pass
+
+  def flush(self):
+    pass

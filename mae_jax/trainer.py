@@ -7,11 +7,13 @@ the whole effective batch, so each example gets its own mask under any mesh,
 any process count and any accumulation split.
 """
 import contextlib
+import errno
 import functools
 import json
 import logging
 import os
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +113,17 @@ class _NoOrbaxTracebacks(logging.Filter):
     return True
 
 
+class _NoStrandedWriteReports(logging.Filter):
+  """Drops asyncio's 'exception was never retrieved' report of an orbax
+  write that failed for lack of space (CheckpointSaveError reports it)."""
+
+  def filter(self, record):
+    error = record.exc_info[1] if record.exc_info else None
+    return not (record.getMessage().split('\n', 1)[0].endswith(
+        'exception was never retrieved') and error is not None
+                and 'RESOURCE_EXHAUSTED' in str(error))
+
+
 def _closed_loop_callback(unraisable):
   """True for the RuntimeError('Event loop is closed') that a write
   finishing after its asyncio loop was closed reports."""
@@ -125,7 +138,10 @@ def _closed_loop_callback(unraisable):
 
 
 def drop_closed_loop_callbacks():
-  """Installs (once) a sys.unraisablehook filter for _closed_loop_callback.
+  """Installs (once) a sys.unraisablehook filter for _closed_loop_callback,
+  a threading.excepthook filter for the full-disk error of tensorboardX's
+  writer thread (Monitor.close reports it in one line), and an asyncio log
+  filter for the stranded write tasks of a failed save.
 
   When one write of an async save fails (e.g. a full disk), orbax closes
   the save's asyncio loop while the other tensorstore writes are still in
@@ -147,6 +163,15 @@ def drop_closed_loop_callbacks():
   hook.drops_closed_loop_callbacks = True
   hook.dropped = 0
   sys.unraisablehook = hook
+  previous_thread_hook = threading.excepthook
+
+  def thread_hook(args):  # tensorboardX's writer thread on a full disk
+    if not (isinstance(args.exc_value, OSError)
+            and args.exc_value.errno == errno.ENOSPC
+            and type(args.thread).__name__ == '_EventLoggerThread'):
+      previous_thread_hook(args)
+  threading.excepthook = thread_hook
+  logging.getLogger('asyncio').addFilter(_NoStrandedWriteReports())
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ tf = pytest.importorskip('tensorflow')
 tfds = pytest.importorskip('tensorflow_datasets')
 from PIL import Image  # noqa: E402
 
-from mae_jax.data import augment, pipeline, sources  # noqa: E402
+from mae_jax.data import augment, pipeline, records, sources  # noqa: E402
 
 SIZE = 32
 
@@ -225,13 +225,13 @@ def test_tfds_jpeg_records_decode_only_the_crop_window(monkeypatch):
   key = augment.example_key(0, 1, 5)
   full = lambda im: augment.train_transform(im, key, SIZE)  # noqa: E731
   window = lambda d: augment.train_transform_jpeg(d, key, SIZE)  # noqa: E731
-  got, status = pipeline._read_checked(jpeg, full, SIZE, 10**6, window)
-  assert int(status) == pipeline.OK
+  got, status = records.read_checked(jpeg, full, SIZE, 10**6, window)
+  assert int(status) == records.OK
   np.testing.assert_array_equal(got, window(jpeg))
-  got, status = pipeline._read_checked(png, full, SIZE, 10**6, window)
+  got, status = records.read_checked(png, full, SIZE, 10**6, window)
   np.testing.assert_array_equal(got, full(augment.decode_image(png)))
-  got, status = pipeline._read_checked(jpeg, full, SIZE, 1000, window)
-  assert int(status) == pipeline.TOO_LARGE and not np.any(got)
+  got, status = records.read_checked(jpeg, full, SIZE, 1000, window)
+  assert int(status) == records.TOO_LARGE and not np.any(got)
 
   calls = []
   real = augment.train_transform_jpeg

@@ -341,6 +341,27 @@ def test_full_disk_fails_the_save_and_keeps_older_checkpoints(small_disk):
   assert 'Traceback' not in out.stderr, out.stderr[-3000:]
 
 
+def test_monitor_close_on_a_full_disk_warns_once(tmp_path, capsys):
+  """A TensorBoard flush failing at close (full disk) is one warning line,
+  not an exception that would hide the run's own error, and tensorboardX's
+  exit-time retry of the close does nothing."""
+  import errno
+  from mae_jax.monitor import Monitor
+  monitor = Monitor(str(tmp_path), 10, _config())
+  writers = list(monitor.tb.all_writers.values())
+  full = OSError(errno.ENOSPC, 'No space left on device')
+
+  def close():
+    raise full
+  monitor.tb.close = close
+  monitor.close()  # does not raise
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'No space left on device' in err
+  assert str(tmp_path) in err
+  for writer in writers:
+    writer.event_writer.close()  # what the atexit cleanup calls: a no-op
+
+
 def test_writes_finishing_after_their_event_loop_closed_are_silent(
     monkeypatch):
   """The `Event loop is closed` report of a tensorstore write that finishes
