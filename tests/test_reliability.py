@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import pretrain
-from mae_jax import checkpoint, trainer
+from mae_jax import checkpoint, failed_saves, trainer
 from mae_jax.config_check import ConfigError
 from mae_jax.monitor import NonFiniteError
 from mae_jax.workdir import WorkdirLock, WorkdirLocked
@@ -371,7 +371,7 @@ def test_writes_finishing_after_their_event_loop_closed_are_silent(
   import tensorstore as ts
   seen = []
   monkeypatch.setattr(sys, 'unraisablehook', seen.append)
-  trainer.drop_closed_loop_callbacks()
+  failed_saves.drop_closed_loop_callbacks()
   promise, future = ts.Promise.new()  # a write in flight ...
   loop = asyncio.new_event_loop()
   loop.set_exception_handler(lambda *_: None)  # its task stays pending
