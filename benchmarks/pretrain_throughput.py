@@ -9,12 +9,13 @@ compile time, median step time, img/s, achieved TFLOP/s and MFU, and peak
 device memory where the backend reports it. `--attention xla,cudnn` times
 several attention modes in one process (a failing mode is reported, the
 rest go on); `--fuse-gather on,off` times the model with and without the
-patch-embedding/masking-gather fusion (config.fuse_patch_gather). FLOPs: the analytic count of
-MAE_SPEC section 9 (used for MFU) and XLA's cost analysis of the compiled
-step (printed beside it). `--torch-peer` times Hugging Face transformers'
-ViTMAEForPreTraining of the same size and batch in the same process (AdamW
-betas 0.9/0.95; bf16 via torch.autocast) and prints the ratio. One JSON line
-per configuration goes to --out. Imports no TensorFlow.
+patch-embedding/masking-gather fusion (config.fuse_patch_gather). FLOPs:
+the analytic count of MAE_SPEC section 9 (used for MFU) and XLA's cost
+analysis of the compiled step (printed beside it). `--torch-peer` times
+Hugging Face transformers' ViTMAEForPreTraining of the same size and batch
+in the same process (AdamW betas 0.9/0.95; bf16 via torch.autocast) and
+prints the ratio. One JSON line per configuration goes to --out. Imports no
+TensorFlow.
 """
 import argparse
 import json

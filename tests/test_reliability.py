@@ -349,6 +349,7 @@ def test_monitor_close_on_a_full_disk_warns_once(tmp_path, capsys):
   from mae_jax.monitor import Monitor
   monitor = Monitor(str(tmp_path), 10, _config())
   writers = list(monitor.tb.all_writers.values())
+  originals = [writer.event_writer for writer in writers]
   full = OSError(errno.ENOSPC, 'No space left on device')
 
   def close():
@@ -358,8 +359,9 @@ def test_monitor_close_on_a_full_disk_warns_once(tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and 'No space left on device' in err
   assert str(tmp_path) in err
-  for writer in writers:
-    writer.event_writer.close()  # what the atexit cleanup calls: a no-op
+  for writer, original in zip(writers, originals):
+    assert writer.event_writer is not original  # the exit retry is a no-op
+    writer.event_writer.close()  # what the atexit cleanup calls
 
 
 def test_writes_finishing_after_their_event_loop_closed_are_silent(
