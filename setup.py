@@ -37,6 +37,8 @@ TEST_REQUIRES = TORCH_REQUIRES + [
     'nbclient>=0.10,<0.12',
     'ipykernel>=6.29,<8',
     'nbformat>=5.10,<6',
+    # The PyTorch peer of benchmarks/pretrain_throughput.py (tested 5.17-5.24).
+    'transformers>=5.17,<5.25',
 ]
 
 setup(

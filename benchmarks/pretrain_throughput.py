@@ -6,10 +6,13 @@
 Times the full jitted train step of mae_jax.trainer (forward, backward,
 AdamW update, buffers donated) on synthetic batches after warm-up; prints
 compile time, median step time, img/s, achieved TFLOP/s and MFU, and peak
-device memory where the backend reports it. `--attention xla,cudnn` times
-several attention modes in one process (a failing mode is reported, the
-rest go on); `--fuse-gather on,off` times the model with and without the
-patch-embedding/masking-gather fusion (config.fuse_patch_gather). FLOPs:
+device memory where the backend reports it (the process's peak, so with
+several modes the largest). `--attention xla,chunked` times several
+attention modes in one process (a failing mode is reported, the rest go
+on); `--fuse-gather on,off` times the model with and without the
+patch-embedding/masking-gather fusion (config.fuse_patch_gather). All
+modes and the peer are compiled and set up first, then step in turn, one
+step each per round, so the ratios are measured side by side. FLOPs:
 the analytic count of MAE_SPEC section 9 (used for MFU) and XLA's cost
 analysis of the compiled step (printed beside it). `--torch-peer` times
 Hugging Face transformers' ViTMAEForPreTraining of the same size and batch
@@ -30,10 +33,10 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from configs import pretrain  # noqa: E402
 from mae_jax import MAE_CONFIGS, sharding, trainer  # noqa: E402
+from mae_jax.config_check import ATTENTION  # noqa: E402
 
 # Dense peak TFLOP/s by device kind and dtype (vendor figures).
 PEAK_TFLOPS = {('H100', 'bfloat16'): 989.0, ('H100', 'float32'): 494.7,
@@ -106,27 +109,27 @@ def add_step_args(parser):
   parser.add_argument('--steps', type=int, default=5)
 
 
-def time_jax(args, attention, fuse):
-  compiled, state, images, compile_s = build_step(args, attention, fuse)
-  micro = jnp.int32(0)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
-  times = []
-  for i in range(args.warmup + args.steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, images, jnp.int32(i), micro)
-    jax.block_until_ready(metrics['loss'])
-    if i >= args.warmup:
-      times.append(time.perf_counter() - start)
-  stats = jax.devices()[0].memory_stats() or {}
-  return {'compile_s': compile_s, 'step_s': statistics.median(times),
-          'step_s_all': times, 'xla_flops_per_step': xla_flops,
-          'peak_bytes': stats.get('peak_bytes_in_use'),
-          'loss': float(metrics['loss'])}
+class JaxStep:
+  """One compiled mae_jax train step on its own state; each call runs a step."""
+
+  def __init__(self, args, attention, fuse):
+    self.compiled, self.state, self.images, self.compile_s = build_step(
+        args, attention, fuse)
+    cost = self.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    self.xla_flops = (float(cost.get('flops', float('nan'))) if cost
+                      else float('nan'))
+    self.step, self.loss = 0, None
+
+  def __call__(self):
+    self.state, metrics = self.compiled(self.state, self.images,
+                                        jnp.int32(self.step), jnp.int32(0))
+    self.loss = float(jax.block_until_ready(metrics['loss']))
+    self.step += 1
 
 
-def time_torch(args):
+def torch_step(args):
+  """A callable running one train step of the PyTorch peer."""
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import ViTMAEConfig, ViTMAEForPreTraining  # pylint: disable=import-outside-toplevel
   c = MAE_CONFIGS[args.model]
@@ -149,23 +152,43 @@ def time_torch(args):
   autocast = torch.autocast(device_type=device, dtype=torch.bfloat16,
                             enabled=args.dtype == 'bfloat16')
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-  times = []
-  for i in range(args.warmup + args.steps):
-    start = time.perf_counter()
+
+  def step():
     with autocast:
       loss = model(pixel_values=images).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     sync()
-    if i >= args.warmup:
-      times.append(time.perf_counter() - start)
-  return {'step_s': statistics.median(times), 'step_s_all': times,
-          'torch_version': torch.__version__}
+
+  step.version = torch.__version__
+  return step
 
 
-def report(args, attention, fuse, flops):
-  """Times one mode; returns its result dict (printed)."""
+def round_robin(steppers, warmup, steps):
+  """({name: [seconds of each timed step]}, {name: error}).
+
+  The steppers take one step each in turn for warmup + steps rounds, so the
+  drifts of a shared machine reach every mode alike. A stepper that raises
+  is dropped and its error kept."""
+  times, errors = {name: [] for name in steppers}, {}
+  for r in range(warmup + steps):
+    for name, step in list(steppers.items()):
+      start = time.perf_counter()
+      try:
+        step()
+      except Exception as e:  # pylint: disable=broad-except
+        errors[name] = f'{type(e).__name__}: {e}'[:2000]
+        del steppers[name]
+        continue
+      if r >= warmup:
+        times[name].append(time.perf_counter() - start)
+  return times, errors
+
+
+def report(args, mode, stepper, times, flops):
+  """The result dict of one timed mae_jax mode (printed)."""
+  attention, fuse = mode
   result = {'model': args.model, 'batch': args.batch, 'dtype': args.dtype,
             'attention': attention, 'remat': args.remat,
             'fuse_patch_gather': fuse,
@@ -174,8 +197,13 @@ def report(args, attention, fuse, flops):
             'cpus': os.cpu_count(), 'jax': jax.__version__,
             'date': time.strftime('%Y-%m-%d'),
             'analytic_flops_per_image': flops,
-            'xla_flags': os.environ.get('XLA_FLAGS', '')}
-  result.update(time_jax(args, attention, fuse))
+            'xla_flags': os.environ.get('XLA_FLAGS', ''),
+            'compile_s': stepper.compile_s,
+            'step_s': statistics.median(times), 'step_s_all': times,
+            'xla_flops_per_step': stepper.xla_flops, 'loss': stepper.loss}
+  # The process's peak so far: with several modes, the largest of them.
+  result['peak_bytes'] = (jax.devices()[0].memory_stats() or {}).get(
+      'peak_bytes_in_use')
   result['img_per_s'] = args.batch / result['step_s']
   result['tflops_analytic'] = flops * result['img_per_s'] / 1e12
   result['tflops_xla'] = (result['xla_flops_per_step'] / result['step_s']
@@ -196,13 +224,26 @@ def report(args, attention, fuse, flops):
   return result
 
 
+def mode_name(mode):
+  attention, fuse = mode
+  return attention + ('' if fuse else ' unfused-gather')
+
+
+def failed(args, mode, error):
+  print(f'{args.model} batch {args.batch} attention {mode_name(mode)} '
+        f'FAILED: {error.splitlines()[0][:300]}', flush=True)
+  return {'model': args.model, 'batch': args.batch, 'dtype': args.dtype,
+          'attention': mode[0], 'fuse_patch_gather': mode[1], 'error': error}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   add_step_args(parser)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--attention', default='default',
                       help="comma-separated modes from 'default', 'xla', "
-                      "'cudnn'; each is timed, a failing one is reported")
+                      "'cudnn', 'chunked'; each is timed, a failing one is "
+                      "reported")
   parser.add_argument('--remat', action='store_true')
   parser.add_argument('--fuse-gather', default='on',
                       help="'on', 'off' or 'on,off': embed only the visible "
@@ -212,7 +253,7 @@ def main():
   args = parser.parse_args()
   modes = args.attention.split(',')
   for mode in modes:
-    if mode not in ('default', 'xla', 'cudnn'):
+    if mode not in ATTENTION:
       parser.error(f'--attention: unknown mode {mode!r}')
   fuses = args.fuse_gather.split(',')
   for fuse in fuses:
@@ -221,37 +262,44 @@ def main():
   modes = [(mode, fuse == 'on') for mode in modes for fuse in fuses]
 
   flops = analytic_flops(args.model, args.image_size)
-  results = []
-  for mode, fuse in modes:
+  steppers, results = {}, {}
+  for mode in modes:
     try:
-      result = report(args, mode, fuse, flops)
+      steppers[mode] = JaxStep(args, *mode)
     except Exception as e:  # pylint: disable=broad-except
-      print(f'{args.model} batch {args.batch} attention {mode} FAILED: '
-            f'{type(e).__name__}: {str(e).splitlines()[0][:300]}', flush=True)
-      result = {'model': args.model, 'batch': args.batch,
-                'dtype': args.dtype, 'attention': mode,
-                'fuse_patch_gather': fuse,
-                'error': f'{type(e).__name__}: {e}'[:2000]}
-    results.append(result)
-    write_line(args.out, result)
+      results[mode] = failed(args, mode, f'{type(e).__name__}: {e}'[:2000])
+  jax_steppers = dict(steppers)
   if args.torch_peer:
-    peer = time_torch(args)
-    peer.update(framework='torch', model=args.model, batch=args.batch,
-                dtype=args.dtype, img_per_s=args.batch / peer['step_s'],
-                device=results[0].get('device'),
-                date=time.strftime('%Y-%m-%d'), ratio_vs_torch={})
+    steppers['torch'] = torch_step(args)
+  times, errors = round_robin(steppers, args.warmup, args.steps)
+  for mode in modes:
+    if mode in errors:
+      results[mode] = failed(args, mode, errors[mode])
+    elif mode in jax_steppers:
+      results[mode] = report(args, mode, jax_steppers[mode], times[mode],
+                             flops)
+    write_line(args.out, results[mode])
+  if args.torch_peer and 'torch' not in errors:
+    step_s = statistics.median(times['torch'])
+    peer = {'framework': 'torch', 'model': args.model, 'batch': args.batch,
+            'dtype': args.dtype, 'step_s': step_s,
+            'step_s_all': times['torch'], 'img_per_s': args.batch / step_s,
+            'torch_version': steppers['torch'].version,
+            'device': jax.devices()[0].device_kind,
+            'date': time.strftime('%Y-%m-%d'), 'ratio_vs_torch': {}}
     print(f'  PyTorch peer (transformers ViTMAEForPreTraining, '
           f'{"autocast bf16" if args.dtype == "bfloat16" else "fp32"}): '
           f'{peer["img_per_s"]:.2f} img/s', flush=True)
-    for result in results:
-      if 'img_per_s' in result:
-        ratio = result['img_per_s'] / peer['img_per_s']
-        name = result['attention'] + ('' if result['fuse_patch_gather']
-                                      else ' unfused-gather')
-        peer['ratio_vs_torch'][name] = ratio
-        print(f'  mae_jax ({name} attention) / torch = {ratio:.2f}',
-              flush=True)
+    for mode in modes:
+      if 'img_per_s' in results[mode]:
+        ratio = results[mode]['img_per_s'] / peer['img_per_s']
+        peer['ratio_vs_torch'][mode_name(mode)] = ratio
+        print(f'  mae_jax ({mode_name(mode)} attention) / torch = '
+              f'{ratio:.2f}', flush=True)
     write_line(args.out, peer)
+  elif args.torch_peer:
+    print(f'  PyTorch peer FAILED: {errors["torch"].splitlines()[0][:300]}',
+          flush=True)
 
 
 def write_line(path, record):

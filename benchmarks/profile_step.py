@@ -1,7 +1,7 @@
 """Where the pretraining step spends its time: op time by kind, traced.
 
   python benchmarks/profile_step.py --model mae_vit_base_patch16 --batch 16 \
-      [--dtype float32] [--steps 3] [--out profile.json]
+      [--dtype float32] [--attention default] [--steps 3] [--out p.json]
 
 A jax.profiler trace of the compiled train step, its op times summed by
 kind. Runs the real jitted train step of mae_jax.trainer (as
@@ -10,8 +10,14 @@ benchmarks/pretrain_throughput.py does) on a synthetic batch, traces
 trace by what its HLO computes: matmuls (dot, alone or fused), attention
 softmax (exp), GELU (erf), reductions (LayerNorm, loss, optimizer norms),
 sort (masking argsort), gather/scatter, copies/transposes, and the rest
-(mostly elementwise: AdamW, residual adds). Prints ms per step and share of
-the traced op time; --out writes the table as JSON. Imports no TensorFlow.
+(mostly elementwise: AdamW, residual adds). A second table sums the same op
+times by where they come from in the model (the op_name of each op: dense
+layers, attention core, GELU, LayerNorm, the rest of the model, outside it),
+forward and backward apart. --torch-peer adds the PyTorch peer's step
+(transformers' ViTMAEForPreTraining, as in pretrain_throughput.py) by
+torch.profiler, its op self times summed by group. Prints ms per step and
+share of the traced op time; --out writes the tables as JSON. Imports no
+TensorFlow.
 """
 import argparse
 import collections
@@ -29,7 +35,16 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.pretrain_throughput import add_step_args, build_step  # noqa: E402
+from benchmarks.pretrain_throughput import (add_step_args, build_step,  # noqa: E402
+                                            torch_step)
+
+# The PyTorch peer's ops by group: first match on the aten op's name wins.
+TORCH_GROUPS = (('matmul', r'^aten::(mm|addmm|bmm|matmul|linear)$'),
+                ('attention', r'scaled_dot_product|attention'),
+                ('GELU', r'gelu'),
+                ('LayerNorm', r'layer_norm'),
+                ('convolution (patch embedding)', r'convolution'),
+                ('other', r''))
 
 # First match wins: a fusion holding a dot is a matmul whatever else it does.
 KINDS = (('matmul', ('dot(', 'convolution(')),
@@ -39,6 +54,36 @@ KINDS = (('matmul', ('dot(', 'convolution(')),
          ('gather / scatter', ('gather(', 'scatter(')),
          ('reduce (norms, loss)', ('reduce(',)),
          ('copy / transpose', ('copy(', 'transpose(')))
+
+
+# First match wins, on the op_name JAX gives each op.
+SOURCES = (('dense layers (qkv, proj, fc1, fc2)', r'/(qkv|proj|fc1|fc2)/'),
+           ('attention core (scores, softmax, weighted sum)', r'/attn/'),
+           ('GELU', r'/mlp/'),
+           ('LayerNorm', r'/(decoder_)?norm\d?/'),
+           ('rest of the model (embedding, masking, loss)',
+            r'MaskedAutoencoder'),
+           ('outside the model (optimizer, gradient sums)', r''))
+
+
+def hlo_sources(hlo_text):
+  """{instruction name: 'SOURCE, forward' or 'SOURCE, backward'} from the
+  op_name metadata of every instruction in the module."""
+  sources = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r'^\s*(?:ROOT )?%?([\w.\-]+) = ', line)
+    if not m:
+      continue
+    op = re.search(r'op_name="([^"]*)"', line)
+    op = op.group(1) if op else ''
+    source = next(name for name, pattern in SOURCES if re.search(pattern, op))
+    backward = 'transpose(jvp(' in op
+    if source.startswith('outside'):
+      sources[m.group(1)] = source
+    else:
+      sources[m.group(1)] = source + (', backward' if backward else
+                                      ', forward')
+  return sources
 
 
 def hlo_kinds(hlo_text):
@@ -77,16 +122,47 @@ def hlo_kinds(hlo_text):
   return kinds
 
 
+def torch_profile(args):
+  """[{'group', 'ms_per_step', 'share'}] of the PyTorch peer's step: the
+  self CPU time of its ops by torch.profiler, summed by TORCH_GROUPS."""
+  import torch  # pylint: disable=import-outside-toplevel
+  step = torch_step(args)
+  step()
+  step()
+  with torch.profiler.profile(
+      activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    for _ in range(args.steps):
+      step()
+  per_group = collections.Counter()
+  for event in prof.key_averages():
+    group = next(name for name, pattern in TORCH_GROUPS
+                 if re.search(pattern, event.key))
+    per_group[group] += event.self_cpu_time_total / 1e3 / args.steps
+  total = sum(per_group.values())
+  print(f'PyTorch peer: {total:.0f} ms of op self time per step')
+  rows = []
+  for group, ms in per_group.most_common():
+    rows.append({'group': group, 'ms_per_step': ms, 'share': ms / total})
+    print(f'  {group:30s} {ms:9.1f} ms  {100 * ms / total:5.1f}%')
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   add_step_args(parser)
-  parser.add_argument('--out', help='write the table here as JSON')
+  parser.add_argument('--attention', default='default',
+                      help="config.attention: 'default', 'xla', 'chunked' or "
+                      "'cudnn'")
+  parser.add_argument('--torch-peer', action='store_true',
+                      help='also profile the PyTorch peer of the same shape')
+  parser.add_argument('--out', help='write the tables here as JSON')
   parser.set_defaults(steps=3)
   args = parser.parse_args()
 
-  compiled, state, images, _ = build_step(args)
+  compiled, state, images, _ = build_step(args, args.attention)
   micro = jnp.int32(0)
   kinds = hlo_kinds(compiled.as_text())
+  sources = hlo_sources(compiled.as_text())
   for i in range(2):
     state, metrics = compiled(state, images, jnp.int32(i), micro)
   jax.block_until_ready(metrics)
@@ -102,10 +178,13 @@ def main():
       trace = json.load(f)
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
   per_kind, per_op = collections.Counter(), collections.Counter()
+  per_source = collections.Counter()
   for e in events:
     if e.get('ph') == 'X' and e['name'] in kinds:
-      per_kind[kinds[e['name']]] += e.get('dur', 0) / 1e3 / args.steps
-      per_op[e['name']] += e.get('dur', 0) / 1e3 / args.steps
+      ms = e.get('dur', 0) / 1e3 / args.steps
+      per_kind[kinds[e['name']]] += ms
+      per_op[e['name']] += ms
+      per_source[sources.get(e['name'], 'unattributed')] += ms
   total = sum(per_kind.values())
   print(f'{args.model} batch {args.batch} {args.dtype} on '
         f'{jax.devices()[0].device_kind}: {total:.0f} ms of op time per step '
@@ -114,15 +193,24 @@ def main():
   for kind, ms in per_kind.most_common():
     rows.append({'kind': kind, 'ms_per_step': ms, 'share': ms / total})
     print(f'  {kind:22s} {ms:9.1f} ms  {100 * ms / total:5.1f}%')
+  source_rows = []
+  print('  by source:')
+  for source, ms in per_source.most_common():
+    source_rows.append({'source': source, 'ms_per_step': ms,
+                        'share': ms / total})
+    print(f'  {source:58s} {ms:9.1f} ms  {100 * ms / total:5.1f}%')
   print('  slowest ops: ' + ', '.join(
       f'{name} ({kinds[name]}) {ms:.0f} ms'
       for name, ms in per_op.most_common(6)))
+  peer = torch_profile(args) if args.torch_peer else None
   if args.out:
     with open(args.out, 'w') as f:
       json.dump({'model': args.model, 'batch': args.batch,
-                 'dtype': args.dtype, 'jax': jax.__version__,
+                 'dtype': args.dtype, 'attention': args.attention,
+                 'jax': jax.__version__,
                  'device': jax.devices()[0].device_kind,
-                 'op_ms_per_step': total, 'kinds': rows}, f, indent=1)
+                 'op_ms_per_step': total, 'kinds': rows,
+                 'sources': source_rows, 'torch_peer': peer}, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -35,7 +35,8 @@ def get_config(arg='tiny'):
   c.mask_ratio = 0.75
   c.norm_pix_loss = v['norm_pix_loss']
   c.dtype = v['dtype']               # compute dtype; parameters stay float32
-  c.attention = 'default'            # 'default', 'xla' or 'cudnn' (GPU only)
+  c.attention = 'default'            # 'default' ('chunked' on CPU, else XLA's),
+                                     # 'xla', 'chunked' or 'cudnn' (GPU only)
   c.remat = False                    # recompute block activations in backward
   c.fuse_patch_gather = True         # embed only the visible patches
   c.scan_blocks = False              # nn.scan over blocks: faster compiles,

@@ -22,7 +22,7 @@ from mae_jax.config_check import ConfigError, check_classifier_config
 from mae_jax.mixup import mix_batch, smooth_one_hot, soft_cross_entropy
 from mae_jax.models import VisionTransformer, create_model
 from mae_jax.monitor import Monitor
-from mae_jax.trainer import schedule_for
+from mae_jax.trainer import attention_impl, schedule_for
 from mae_jax.workdir import Preemption, WorkdirLock
 
 
@@ -33,6 +33,7 @@ def build_model(config, num_classes):
       global_pool=config.global_pool, linear_probe=probe,
       drop_path_rate=0.0 if probe else config.drop_path,
       dtype=jnp.dtype(config.dtype),
+      attention_impl=attention_impl(config.get('attention', 'default')),
       scan_blocks=config.get('scan_blocks', False))
 
 

@@ -12,7 +12,7 @@ ON_ERROR = ('skip', 'fail')
 RESUME_FIELDS = ('task', 'model', 'norm_pix_loss', 'global_pool',
                  'num_classes', 'data.name', 'data.split', 'data.image_size',
                  'batch_size', 'accum_iter', 'seed')
-ATTENTION = ('default', 'xla', 'cudnn')
+ATTENTION = ('default', 'xla', 'cudnn', 'chunked')
 
 
 class ConfigError(ValueError):

@@ -29,11 +29,19 @@ from mae_jax.workdir import Preemption, WorkdirLock
 ITEMS = ('params', 'opt_state', 'model', 'meta')
 
 
+def attention_impl(name, backend=None):
+  """config.attention -> the model's attention_impl. 'default' is 'chunked'
+  on CPU (faster there, docs/BENCHMARKS.md) and XLA's own choice elsewhere."""
+  if name != 'default':
+    return name
+  return 'chunked' if (backend or jax.default_backend()) == 'cpu' else None
+
+
 def build_model(config):
-  attention = None if config.attention == 'default' else config.attention
   return create_model(config.model, img_size=config.data.image_size,
                       norm_pix_loss=config.norm_pix_loss,
-                      dtype=jnp.dtype(config.dtype), attention_impl=attention,
+                      dtype=jnp.dtype(config.dtype),
+                      attention_impl=attention_impl(config.attention),
                       remat=config.remat,
                       fuse_patch_gather=config.get('fuse_patch_gather', True),
                       scan_blocks=config.get('scan_blocks', False))

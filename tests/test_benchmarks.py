@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--model', 'mae_vit_tiny_patch8', '--image-size', '64', '--batch',
         '4']
@@ -32,11 +34,39 @@ def test_throughput_times_both_gather_modes(tmp_path):
   assert abs(lines[0]['loss'] - lines[1]['loss']) < 1e-4  # same batch, model
 
 
+def test_throughput_times_modes_and_peer_side_by_side(tmp_path):
+  pytest.importorskip('transformers')
+  out = tmp_path / 'r.jsonl'
+  printed = _run('pretrain_throughput.py', *TINY, '--steps', '2',
+                 '--warmup', '1', '--attention', 'xla,chunked',
+                 '--torch-peer', '--out', str(out))
+  lines = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r.get('attention') for r in lines[:2]] == ['xla', 'chunked']
+  assert abs(lines[0]['loss'] - lines[1]['loss']) < 1e-4  # same computation
+  peer = lines[2]
+  assert peer['framework'] == 'torch' and len(peer['step_s_all']) == 2
+  for r in lines[:2]:
+    ratio = peer['ratio_vs_torch'][r['attention']]
+    assert abs(ratio - r['img_per_s'] / peer['img_per_s']) < 1e-9
+  assert 'mae_jax (chunked attention) / torch' in printed
+
+
 def test_profile_classifies_the_step(tmp_path):
+  pytest.importorskip('transformers')
   out = tmp_path / 'p.json'
-  printed = _run('profile_step.py', *TINY, '--steps', '1', '--out', str(out))
+  printed = _run('profile_step.py', *TINY, '--steps', '1', '--torch-peer',
+                 '--out', str(out))
   table = json.loads(out.read_text())
   shares = {row['kind']: row['share'] for row in table['kinds']}
   assert abs(sum(shares.values()) - 1) < 1e-6
   assert shares['matmul'] > 0.2 and 'matmul' in printed
+  sources = {row['source']: row['share'] for row in table['sources']}
+  assert abs(sum(sources.values()) - 1) < 1e-6
+  assert 'unattributed' not in sources
+  for part in ('dense layers', 'attention core', 'GELU', 'LayerNorm'):
+    for direction in ('forward', 'backward'):
+      assert any(name.startswith(part) and name.endswith(direction)
+                 for name in sources), (part, direction)
+  peer = {row['group']: row['share'] for row in table['torch_peer']}
+  assert abs(sum(peer.values()) - 1) < 1e-6 and peer['matmul'] > 0.1
   assert table['op_ms_per_step'] > 0

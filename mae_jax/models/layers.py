@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mae_jax.models.chunked_attention import chunked_attention
 from mae_jax.models.masking import gather_tokens
 from mae_jax.models.patches import patchify
 
@@ -17,6 +18,22 @@ LN_EPS = 1e-6
 Dense = functools.partial(nn.Dense, kernel_init=nn.initializers.xavier_uniform(),
                           bias_init=nn.initializers.zeros)
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=LN_EPS)
+
+
+def gelu(x):
+  """Exact GELU, x * Phi(x), written with erf as PyTorch's nn.GELU() is
+  (jax.nn.gelu uses erfc, which XLA:CPU evaluates more slowly)."""
+  return x * 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
+
+
+def dense_2d(layer, x):
+  """layer(x) for x (..., D) with the leading axes flattened first.
+
+  Same values as layer(x); the weight gradient then is a plain 2-D dot,
+  where a 3-D input makes XLA:CPU transpose both of its operands first.
+  """
+  y = layer(x.reshape(-1, x.shape[-1]))
+  return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class PatchEmbed(nn.Module):
@@ -50,11 +67,17 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection. (N, T, D) -> same."""
+  """Multi-head self-attention with a fused qkv projection. (N, T, D) -> same.
+
+  attention_impl: None (XLA's default), 'xla' or 'cudnn' select
+  jax.nn.dot_product_attention's implementation; 'chunked' computes the
+  same attention a few heads at a time (mae_jax.models.chunked_attention,
+  faster on CPUs).
+  """
   num_heads: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_impl: Any = None  # None (XLA default), 'xla' or 'cudnn'
+  attention_impl: Any = None
 
   @nn.compact
   def __call__(self, x):
@@ -64,11 +87,17 @@ class Attention(nn.Module):
     head_dim = d // self.num_heads
     dense = functools.partial(Dense, dtype=self.dtype,
                               param_dtype=self.param_dtype)
-    qkv = dense(3 * d, name='qkv')(x)
+    qkv = dense_2d(dense(3 * d, name='qkv'), x)
     qkv = qkv.reshape(n, t, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (N, T, H, hd)
-    out = attend(q, k, v, head_dim ** -0.5, self.attention_impl)
-    return dense(d, name='proj')(out.reshape(n, t, d))
+    if self.attention_impl == 'chunked':
+      q, k, v = qkv.transpose(2, 0, 3, 1, 4).reshape(
+          3, n * self.num_heads, t, head_dim)  # (N * H, T, hd) each
+      out = chunked_attention(q, k, v, head_dim ** -0.5)
+      out = out.reshape(n, self.num_heads, t, head_dim).transpose(0, 2, 1, 3)
+    else:
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (N, T, H, hd)
+      out = attend(q, k, v, head_dim ** -0.5, self.attention_impl)
+    return dense_2d(dense(d, name='proj'), out.reshape(n, t, d))
 
 
 def attend(q, k, v, scale, implementation, pad_odd=None):
@@ -105,9 +134,9 @@ class Mlp(nn.Module):
     dense = functools.partial(Dense, dtype=self.dtype,
                               param_dtype=self.param_dtype)
     width = x.shape[-1]
-    x = dense(self.hidden_dim, name='fc1')(x)
-    x = nn.gelu(x, approximate=False)
-    return dense(width, name='fc2')(x)
+    x = dense_2d(dense(self.hidden_dim, name='fc1'), x)
+    x = gelu(x)
+    return dense_2d(dense(width, name='fc2'), x)
 
 
 def drop_path(x, rate, rng):
