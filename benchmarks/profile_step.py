@@ -179,12 +179,20 @@ def main():
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
   per_kind, per_op = collections.Counter(), collections.Counter()
   per_source = collections.Counter()
+  # On an accelerator count only its kernels (named by kernel; the HLO op
+  # is in args.hlo_op), not the host's launches of them.
+  devices = {e['pid'] for e in events
+             if e.get('ph') == 'M' and e.get('name') == 'process_name'
+             and re.search(r'/device:(GPU|TPU)',
+                           str(e.get('args', {}).get('name', '')))}
   for e in events:
-    if e.get('ph') == 'X' and e['name'] in kinds:
+    name = e.get('args', {}).get('hlo_op', e.get('name'))
+    if (e.get('ph') == 'X' and name in kinds
+        and (not devices or e.get('pid') in devices)):
       ms = e.get('dur', 0) / 1e3 / args.steps
-      per_kind[kinds[e['name']]] += ms
-      per_op[e['name']] += ms
-      per_source[sources.get(e['name'], 'unattributed')] += ms
+      per_kind[kinds[name]] += ms
+      per_op[name] += ms
+      per_source[sources.get(name, 'unattributed')] += ms
   total = sum(per_kind.values())
   print(f'{args.model} batch {args.batch} {args.dtype} on '
         f'{jax.devices()[0].device_kind}: {total:.0f} ms of op time per step '

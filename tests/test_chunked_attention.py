@@ -69,8 +69,8 @@ def test_chunked_model_matches_xla_attention_model():
   def loss(model, p):
     return model.apply({'params': p}, imgs, noise=noise)[0]
 
-  l0, g0 = jax.value_and_grad(lambda p: loss(plain, p))(params)
-  l1, g1 = jax.value_and_grad(lambda p: loss(chunked, p))(params)
+  l0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(params)
+  l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(chunked, p)))(params)
   np.testing.assert_allclose(l1, l0, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(a, b, atol=1e-5)
