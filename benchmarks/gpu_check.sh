@@ -13,18 +13,10 @@
 set -u
 OUT=${OUT:-docs/gpu}
 BUDGET=${BUDGET:-450}   # seconds for the whole script
-mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
+source benchmarks/gpu_env.sh
 RESULTS="$OUT/gpu_results.jsonl"
 : > "$RESULTS"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
-# The PyTorch peer shares the process: let JAX grow its pool instead of
-# taking 75% of the card up front.
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
 left() { echo $((BUDGET - SECONDS)); }
 bench() {  # bench ARGS...: one configuration, skipped when time is short
   local t; t=$(left)

@@ -6,15 +6,9 @@
 set -u
 OUT=${OUT:-docs/gpu}
 BUDGET=${BUDGET:-280}
-mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
 RESULTS="$OUT/gpu_followup.jsonl"
 : > "$RESULTS"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
 bench() {
   local t=$((BUDGET - SECONDS))
   if [ "$t" -lt 40 ]; then echo "-- skipped (time budget): $*"; return; fi

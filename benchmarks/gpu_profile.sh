@@ -8,15 +8,9 @@
 set -u
 OUT=${OUT:-docs/gpu}
 BUDGET=${BUDGET:-280}
-mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
 RESULTS="$OUT/gpu_profile.jsonl"
 : > "$RESULTS"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
 QUIET="^W0000\|^I0000\|^E0000\|cuda_dnn\|cuda_blas\|cuda_fft"
 limit() {  # seconds left, at most $1; empty when under 40
   local t=$((BUDGET - SECONDS))
@@ -27,21 +21,27 @@ limit() {  # seconds left, at most $1; empty when under 40
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   echo "== large batch 256, cuDNN and XLA attention, PyTorch peer (autocast bf16)"
-  t=$(limit 150) && timeout "$t" python3 benchmarks/pretrain_throughput.py \
-    --model mae_vit_large_patch16 --batch 256 --dtype bfloat16 --steps 10 \
-    --warmup 3 --attention cudnn,xla --torch-peer --out "$RESULTS" 2>&1 \
-    | grep -v "$QUIET"
+  if t=$(limit 150); then
+    timeout "$t" python3 benchmarks/pretrain_throughput.py \
+      --model mae_vit_large_patch16 --batch 256 --dtype bfloat16 --steps 10 \
+      --warmup 3 --attention cudnn,xla --torch-peer --out "$RESULTS" 2>&1 \
+      | grep -v "$QUIET"
+  else echo "-- skipped (time budget)"; fi
   echo "   [elapsed ${SECONDS} s]"
   echo "== large batch 512, cuDNN attention"
-  t=$(limit 70) && timeout "$t" python3 benchmarks/pretrain_throughput.py \
-    --model mae_vit_large_patch16 --batch 512 --dtype bfloat16 --steps 10 \
-    --warmup 3 --attention cudnn --out "$RESULTS" 2>&1 | grep -v "$QUIET"
+  if t=$(limit 70); then
+    timeout "$t" python3 benchmarks/pretrain_throughput.py \
+      --model mae_vit_large_patch16 --batch 512 --dtype bfloat16 --steps 10 \
+      --warmup 3 --attention cudnn --out "$RESULTS" 2>&1 | grep -v "$QUIET"
+  else echo "-- skipped (time budget)"; fi
   echo "   [elapsed ${SECONDS} s]"
   echo "== profile of large batch 256, cuDNN attention"
-  t=$(limit 80) && timeout "$t" python3 benchmarks/profile_step.py \
-    --model mae_vit_large_patch16 --batch 256 --dtype bfloat16 --steps 3 \
-    --attention cudnn --out "$OUT/profile_large_b256_bf16.json" 2>&1 \
-    | grep -v "$QUIET"
+  if t=$(limit 80); then
+    timeout "$t" python3 benchmarks/profile_step.py \
+      --model mae_vit_large_patch16 --batch 256 --dtype bfloat16 --steps 3 \
+      --attention cudnn --out "$OUT/profile_large_b256_bf16.json" 2>&1 \
+      | grep -v "$QUIET"
+  else echo "-- skipped (time budget)"; fi
   echo "   [elapsed ${SECONDS} s]"
   date -u
 } 2>&1 | tee "$OUT/gpu_profile.log"
