@@ -12,36 +12,27 @@ source benchmarks/gpu_env.sh
 RESULTS="$OUT/gpu_profile.jsonl"
 : > "$RESULTS"
 QUIET="^W0000\|^I0000\|^E0000\|cuda_dnn\|cuda_blas\|cuda_fft"
-limit() {  # seconds left, at most $1; empty when under 40
-  local t=$((BUDGET - SECONDS))
-  [ "$t" -gt "$1" ] && t=$1
-  [ "$t" -ge 40 ] && echo "$t"
+run() {  # run MAX SCRIPT ARGS...: a benchmark for at most MAX seconds of the
+         # budget, skipped when under 40 are left
+  local t=$((BUDGET - SECONDS)) max=$1; shift
+  [ "$t" -gt "$max" ] && t=$max
+  if [ "$t" -ge 40 ]; then
+    timeout "$t" python3 "$@" 2>&1 | grep -v "$QUIET"
+  else echo "-- skipped (time budget)"; fi
+  echo "   [elapsed ${SECONDS} s]"
 }
+LARGE="--model mae_vit_large_patch16 --dtype bfloat16"
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   echo "== large batch 256, cuDNN and XLA attention, PyTorch peer (autocast bf16)"
-  if t=$(limit 150); then
-    timeout "$t" python3 benchmarks/pretrain_throughput.py \
-      --model mae_vit_large_patch16 --batch 256 --dtype bfloat16 --steps 10 \
-      --warmup 3 --attention cudnn,xla --torch-peer --out "$RESULTS" 2>&1 \
-      | grep -v "$QUIET"
-  else echo "-- skipped (time budget)"; fi
-  echo "   [elapsed ${SECONDS} s]"
+  run 150 benchmarks/pretrain_throughput.py $LARGE --batch 256 --steps 10 \
+    --warmup 3 --attention cudnn,xla --torch-peer --out "$RESULTS"
   echo "== large batch 512, cuDNN attention"
-  if t=$(limit 70); then
-    timeout "$t" python3 benchmarks/pretrain_throughput.py \
-      --model mae_vit_large_patch16 --batch 512 --dtype bfloat16 --steps 10 \
-      --warmup 3 --attention cudnn --out "$RESULTS" 2>&1 | grep -v "$QUIET"
-  else echo "-- skipped (time budget)"; fi
-  echo "   [elapsed ${SECONDS} s]"
+  run 70 benchmarks/pretrain_throughput.py $LARGE --batch 512 --steps 10 \
+    --warmup 3 --attention cudnn --out "$RESULTS"
   echo "== profile of large batch 256, cuDNN attention"
-  if t=$(limit 80); then
-    timeout "$t" python3 benchmarks/profile_step.py \
-      --model mae_vit_large_patch16 --batch 256 --dtype bfloat16 --steps 3 \
-      --attention cudnn --out "$OUT/profile_large_b256_bf16.json" 2>&1 \
-      | grep -v "$QUIET"
-  else echo "-- skipped (time budget)"; fi
-  echo "   [elapsed ${SECONDS} s]"
+  run 80 benchmarks/profile_step.py $LARGE --batch 256 --steps 3 \
+    --attention cudnn --out "$OUT/profile_large_b256_bf16.json"
   date -u
 } 2>&1 | tee "$OUT/gpu_profile.log"

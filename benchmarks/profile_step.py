@@ -37,6 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.pretrain_throughput import (add_step_args, build_step,  # noqa: E402
                                             torch_step)
+from mae_jax.config_check import ATTENTION  # noqa: E402
 
 # The PyTorch peer's ops by group: first match on the aten op's name wins.
 TORCH_GROUPS = (('matmul', r'^aten::(mm|addmm|bmm|matmul|linear)$'),
@@ -122,6 +123,17 @@ def hlo_kinds(hlo_text):
   return kinds
 
 
+def table(counter, key, width):
+  """Rows {key, 'ms_per_step', 'share'} of a Counter of ms, largest first,
+  each also printed."""
+  total = sum(counter.values())
+  rows = []
+  for name, ms in counter.most_common():
+    rows.append({key: name, 'ms_per_step': ms, 'share': ms / total})
+    print(f'  {name:{width}s} {ms:9.1f} ms  {100 * ms / total:5.1f}%')
+  return rows
+
+
 def torch_profile(args):
   """[{'group', 'ms_per_step', 'share'}] of the PyTorch peer's step: the
   self CPU time of its ops by torch.profiler, summed by TORCH_GROUPS."""
@@ -138,21 +150,16 @@ def torch_profile(args):
     group = next(name for name, pattern in TORCH_GROUPS
                  if re.search(pattern, event.key))
     per_group[group] += event.self_cpu_time_total / 1e3 / args.steps
-  total = sum(per_group.values())
-  print(f'PyTorch peer: {total:.0f} ms of op self time per step')
-  rows = []
-  for group, ms in per_group.most_common():
-    rows.append({'group': group, 'ms_per_step': ms, 'share': ms / total})
-    print(f'  {group:30s} {ms:9.1f} ms  {100 * ms / total:5.1f}%')
-  return rows
+  print(f'PyTorch peer: {sum(per_group.values()):.0f} ms of op self time '
+        'per step')
+  return table(per_group, 'group', 30)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   add_step_args(parser)
-  parser.add_argument('--attention', default='default',
-                      help="config.attention: 'default', 'xla', 'chunked' or "
-                      "'cudnn'")
+  parser.add_argument('--attention', default='default', choices=ATTENTION,
+                      help='config.attention')
   parser.add_argument('--torch-peer', action='store_true',
                       help='also profile the PyTorch peer of the same shape')
   parser.add_argument('--out', help='write the tables here as JSON')
@@ -161,8 +168,8 @@ def main():
 
   compiled, state, images, _ = build_step(args, args.attention)
   micro = jnp.int32(0)
-  kinds = hlo_kinds(compiled.as_text())
-  sources = hlo_sources(compiled.as_text())
+  hlo_text = compiled.as_text()
+  kinds, sources = hlo_kinds(hlo_text), hlo_sources(hlo_text)
   for i in range(2):
     state, metrics = compiled(state, images, jnp.int32(i), micro)
   jax.block_until_ready(metrics)
@@ -197,16 +204,9 @@ def main():
   print(f'{args.model} batch {args.batch} {args.dtype} on '
         f'{jax.devices()[0].device_kind}: {total:.0f} ms of op time per step '
         f'({len(per_op)} ops; ops may overlap on several threads)')
-  rows = []
-  for kind, ms in per_kind.most_common():
-    rows.append({'kind': kind, 'ms_per_step': ms, 'share': ms / total})
-    print(f'  {kind:22s} {ms:9.1f} ms  {100 * ms / total:5.1f}%')
-  source_rows = []
+  rows = table(per_kind, 'kind', 22)
   print('  by source:')
-  for source, ms in per_source.most_common():
-    source_rows.append({'source': source, 'ms_per_step': ms,
-                        'share': ms / total})
-    print(f'  {source:58s} {ms:9.1f} ms  {100 * ms / total:5.1f}%')
+  source_rows = table(per_source, 'source', 58)
   print('  slowest ops: ' + ', '.join(
       f'{name} ({kinds[name]}) {ms:.0f} ms'
       for name, ms in per_op.most_common(6)))
