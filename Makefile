@@ -1,25 +1,45 @@
-# `make test` and `make demo` set everything up on a fresh machine.
+# `make demo` and `make test` set everything up on a fresh machine, in .venv.
+# The demo installs only what it needs (mae_jax[data,viz]); the tests install
+# mae_jax[test], a superset, into the same venv. Each install runs again only
+# when setup.py changes.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+PIP_LOG := $(VENV)/pip-install.log
+DEMO_DIR ?= workdirs/demo
+DEMO_EXTRAS := [data,viz]
 
-.PHONY: test install demo
+.PHONY: help demo test
 
-install: $(STAMP)
+help:
+	@echo "make demo   # install mae_jax[data,viz] in $(VENV), pretrain a tiny MAE on CPU"
+	@echo "make test   # install mae_jax[test] in $(VENV), run the test suite"
 
-# Re-install only when setup.py changes.
-$(STAMP): setup.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+# pip stays quiet (-q) but keeps a full log; a failed install says where it is.
+define pip_install
+	@echo "installing mae_jax$(1) into $(VENV) (the first time takes minutes)"
+	@$(PY) -m pip install -q --log $(PIP_LOG) -e '.$(1)' \
+	  || { echo "pip install -e '.$(1)' failed; full log: $(PIP_LOG)" >&2; exit 1; }
+endef
 
-test: $(STAMP)
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "mae_jax needs Python >= 3.11; run make PYTHON=python3.11 ..." >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
+	@$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.demo-installed: setup.py | $(PY)
+	$(call pip_install,$(DEMO_EXTRAS))
+	@touch $@
+
+# [test] includes [data,viz], so it also marks the demo's install done.
+$(VENV)/.test-installed: setup.py | $(PY)
+	$(call pip_install,[test])
+	@touch $@ $(VENV)/.demo-installed
+
+test: $(VENV)/.test-installed
 	$(PY) -m pytest -q tests
 
-DEMO_DIR ?= workdirs/demo
-
-# Tiny MAE pretraining on the embedded photographs, on CPU (a few minutes).
-demo: $(STAMP)
+# Tiny MAE pretraining on the embedded photographs, on CPU (minutes).
+demo: $(VENV)/.demo-installed
 	JAX_PLATFORMS=cpu $(PY) train.py --config configs/pretrain.py:tiny --workdir $(DEMO_DIR)

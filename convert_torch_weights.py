@@ -1,35 +1,65 @@
 """Converts MAE / ViT weights between PyTorch files and mae_jax checkpoints.
 
   python convert_torch_weights.py mae_visualize_vit_large.pth out/mae_large
+  python convert_torch_weights.py mae_pretrain_vit_base_full.pth out/mae_base \\
+      --norm-pix-loss               # record how the weights were trained
   python convert_torch_weights.py mae_pretrain_vit_base.pth out/vit_base \\
       --model vit_base_patch16      # encoder-only file -> fine-tuning init
   python convert_torch_weights.py out/mae_large mae_large.pth --to-torch
+
+A torch file holds no model description, so an MAE's norm_pix_loss comes from
+--[no-]norm-pix-loss, else from a training checkpoint's args, else the
+default (False); the summary says which. Weights holding NaN or Inf are
+refused, naming the tensors, unless --allow-nonfinite.
 """
 import argparse
 import sys
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _parser():
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n\n', maxsplit=1)[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('src', help='.pth/.pt/.safetensors file, or a mae_jax '
                       'checkpoint directory with --to-torch')
   parser.add_argument('dst', help='new mae_jax checkpoint directory, or a '
                       '.pth file with --to-torch')
   parser.add_argument('--model', help='registry name, e.g. mae_vit_large_'
                       'patch16 or vit_base_patch16 (default: detected)')
+  parser.add_argument('--norm-pix-loss', action=argparse.BooleanOptionalAction,
+                      default=None,
+                      help="MAE only: record that the weights were trained "
+                      "with (or without) the norm-pix loss (default: the "
+                      "file's args.norm_pix_loss if it has them, else False)")
+  parser.add_argument('--allow-nonfinite', action='store_true',
+                      help='convert weights holding NaN or Inf, with a '
+                      'warning, instead of refusing them')
   parser.add_argument('--to-torch', action='store_true',
                       help='write an official-layout .pth from SRC')
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None):
+  args = _parser().parse_args(argv)
   from mae_jax import convert  # pylint: disable=import-outside-toplevel
-  from mae_jax.torch_io import CheckpointError  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from mae_jax.errors import CheckpointError, MaeJaxError
+  warn = lambda message: print(f'warning: {message}', file=sys.stderr)
   try:
     if args.to_torch:
-      if args.model:
-        parser.error('--model applies to torch -> mae_jax conversion only')
-      report = convert.export_file(args.src, args.dst)
+      for flag, value in (('--model', args.model),
+                          ('--[no-]norm-pix-loss', args.norm_pix_loss)):
+        if value is not None:
+          raise CheckpointError(f'{flag} applies to torch -> mae_jax '
+                                'conversion only (a torch state dict has no '
+                                'model description)')
+      report = convert.export_file(args.src, args.dst, args.allow_nonfinite,
+                                   warn)
     else:
-      report = convert.convert_file(args.src, args.dst, args.model)
-  except (CheckpointError, ValueError) as e:
+      report = convert.convert_file(args.src, args.dst, args.model,
+                                    args.norm_pix_loss, args.allow_nonfinite,
+                                    warn)
+  except (MaeJaxError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   for line in report:

@@ -1,4 +1,4 @@
-"""MAE pretraining, fine-tuning and linear probing from the command line.
+r"""MAE pretraining, fine-tuning and linear probing from the command line.
 
   python train.py --config configs/pretrain.py:tiny --workdir runs/tiny \
       [--config.key=value ...]
@@ -7,22 +7,39 @@
   python train.py --config configs/linprobe.py:base --workdir runs/lp \
       --config.init_from=runs/base
 
+Configs (--config FILE:VARIANT):
+  configs/pretrain.py:tiny|base|large|huge   MAE pretraining
+  configs/finetune.py:tiny|base|large|huge   fine-tuning (init_from: weights)
+  configs/linprobe.py:tiny|base|large|huge   linear probing (init_from)
+tiny runs on the photographs bundled with scikit-image (CPU, minutes); base,
+large and huge follow the paper's ImageNet recipes. Every field is documented
+where it is set, in the config files (configs/common.py holds the shared
+classifier fields), and README.md explains the main switches. Any field can
+be overridden with --config.FIELD=VALUE (nested: --config.data.data_dir=DIR).
+
 A workdir that holds a checkpoint is resumed automatically; SIGTERM saves
 the current step and exits 0. Multi-host: pass --coordinator_address/
 --num_processes/--process_id, or --distributed on platforms where
 jax.distributed.initialize() detects them (TPU, Slurm).
 
-User mistakes (flags, config values, a workdir in use, a checkpoint of
-another config) print one line `error: ...` and exit 2; a run stopped by a
-non-finite loss or a failed checkpoint save prints one line and exits 1.
+User mistakes (flags, config fields and values, a workdir in use, a
+checkpoint of another config, a missing file or install extra) print one line
+`error: ...` and exit 2; a run stopped by a non-finite loss or a failed
+checkpoint save prints one line and exits 1. Anything else is a bug and shows
+its traceback.
 """
+import difflib
+import importlib.util
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file('config', None, 'Config file:variant.',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    'config', None, 'Config file:variant, e.g. configs/pretrain.py:tiny (see '
+    'above for the variants; fields are documented in the config files).',
+    lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize().')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
@@ -32,33 +49,86 @@ flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
 
+def _user_errors():
+  """(exception classes, exit code) pairs printed as one `error: ...` line,
+  the first matching pair deciding the code; every other exception (a bug)
+  keeps its traceback."""
+  from mae_jax import errors
+  return (((errors.NonFiniteError, errors.CheckpointSaveError), 1),
+          ((errors.MaeJaxError, FileNotFoundError), 2))
+
+
 def _fail(message, code=2):
   print(f'error: {" ".join(message.split())}', file=sys.stderr)
   sys.exit(code)
 
 
-def _unknown_override(argv, error):
-  """The --config.KEY of argv whose last part ml_collections named in
-  `error` (the unknown field), or None."""
-  name = str(error).strip('"\'')
-  for arg in argv:
-    key = arg[len('--config.'):].split('=', 1)[0]
-    if arg.startswith('--config.') and key.split('.')[-1] == name:
-      return key
+def _config_args(argv):
+  """(the --config value, [(override flag, field)]) as written in argv
+  (flagfiles expanded)."""
+  spec, overrides = None, []
+  args = iter(FLAGS.read_flags_from_files(argv[1:], force_gnu=False))
+  for arg in args:
+    if arg == '--':
+      break
+    if not arg.startswith('-'):
+      continue
+    flag, has_value, value = arg.partition('=')
+    name = flag.lstrip('-')
+    if name == 'config':
+      spec = value if has_value else next(args, None)
+    elif name.startswith(('config.', 'noconfig.')):
+      overrides.append((flag, name.split('.', 1)[1]))
+  return spec, overrides
+
+
+def _fields(config, prefix=''):
+  """Dotted names of every field of a ConfigDict, nested ones included."""
+  for key, value in config.items():
+    yield prefix + key
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _fields(value, f'{prefix}{key}.')
+
+
+def _load_config(spec):
+  """The ConfigDict of 'FILE[:VARIANT]', loaded as config_flags does."""
+  path, has_arg, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_train_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if has_arg else module.get_config()
+
+
+def unknown_override(argv):
+  """A one-line message for the first --config.FIELD override of argv that
+  names no field of the config (with the closest field as a suggestion), or
+  None. A config that does not load is left for flag parsing to report."""
+  try:
+    spec, overrides = _config_args(argv)
+    if spec is None or not overrides:
+      return None
+    fields = sorted(_fields(_load_config(spec)))
+  except Exception:  # pylint: disable=broad-except
+    return None  # flag parsing meets the same problem and reports it
+  for flag, field in overrides:
+    if field not in fields:
+      close = difflib.get_close_matches(field, fields, n=1)
+      hint = (f"; did you mean '{close[0]}'?" if close else
+              f'; the fields are listed in {spec.partition(":")[0]}')
+      return f'{flag}: unknown config field {field!r}{hint}'
   return None
 
 
 def parse_flags(argv):
   """absl flag parsing whose errors are one line naming the flag."""
+  message = unknown_override(argv)
+  if message:
+    _fail(message)
   try:
     return FLAGS(argv)
   except flags.Error as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     _fail(lines[0] if len(lines) == 1 else f'{lines[0]} {lines[-1]}')
-  except (AttributeError, KeyError) as e:  # ml_collections: unknown field
-    key = _unknown_override(argv, e)
-    _fail(f'--config.{key}: unknown config field {key!r}' if key
-          else f'{type(e).__name__}: {e}')
 
 
 def main(argv):
@@ -67,21 +137,19 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
   import jax
   from mae_jax import classify, trainer
-  from mae_jax.monitor import NonFiniteError
-  from mae_jax.workdir import WorkdirLocked
 
   if FLAGS.num_processes > 1:
     jax.distributed.initialize(FLAGS.coordinator_address,
                                FLAGS.num_processes, FLAGS.process_id)
   elif FLAGS.distributed:
     jax.distributed.initialize()
+  user_errors = _user_errors()
   try:
     run = trainer.train if FLAGS.config.task == 'pretrain' else classify.train
     run(FLAGS.config, FLAGS.workdir)
-  except (ValueError, WorkdirLocked, FileNotFoundError) as e:
-    _fail(str(e))  # ConfigError, CheckpointError are ValueErrors
-  except (NonFiniteError, trainer.CheckpointSaveError) as e:
-    _fail(str(e), code=1)
+  except tuple(cls for classes, _ in user_errors for cls in classes) as e:
+    _fail(str(e), next(code for classes, code in user_errors
+                       if isinstance(e, classes)))
 
 
 if __name__ == '__main__':

@@ -102,11 +102,14 @@ NOTES = """\
   when a run dies, so there is never a stale lock.
 - **Checkpoint of another config** (same test as NaN): before restoring,
   the saved config and model description are compared with the current
-  ones (`config_check.RESUME_FIELDS`: task, model, norm_pix_loss,
-  data.name/split/image_size, batch_size, accum_iter, seed, ...); a mismatch
-  is `error: checkpoint .../6 was written by another config:
-  data.image_size=64 (checkpoint) != 32 (now); batch_size=8 (checkpoint) !=
-  4 (now); ...`.
+  ones: every config field must match except those that do not change the
+  updates (`config_check.NOT_TRAJECTORY`: the log, checkpoint, figure and
+  eval intervals, keep_checkpoints, mesh, attention, remat,
+  fuse_patch_gather, skip_nonfinite, data.on_error);
+  `--config.resume_override=FIELD,...` allows named changes (e.g. a longer
+  total_steps). A mismatch is `error: checkpoint .../6 was written by
+  another config: data.image_size=64 (checkpoint) != 32 (now); ...;
+  resuming would change the run. ...`.
 - **Full disk** (`test_full_disk_fails_the_save_and_keeps_older_checkpoints`,
   a 40 MiB tmpfs; skipped where mounting needs a root the test lacks): the
   failing save raises `saving checkpoint step 4 in ... failed: ... No space

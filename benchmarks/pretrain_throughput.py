@@ -13,8 +13,9 @@ on); `--fuse-gather on,off` times the model with and without the
 patch-embedding/masking-gather fusion (config.fuse_patch_gather). All
 modes and the peer are compiled and set up first, then step in turn, one
 step each per round, so the ratios are measured side by side. FLOPs:
-the analytic count of MAE_SPEC section 9 (used for MFU) and XLA's cost
-analysis of the compiled step (printed beside it). `--torch-peer` times
+the analytic count (forward per block 24*N*D^2 + 4*N^2*D for N tokens of
+width D, training about 3x forward; used for MFU) and XLA's cost analysis
+of the compiled step (printed beside it). `--torch-peer` times
 Hugging Face transformers' ViTMAEForPreTraining of the same size and batch
 in the same process (AdamW betas 0.9/0.95; bf16 via torch.autocast) and
 prints the ratio. One JSON line per configuration goes to --out. Imports no

@@ -46,6 +46,12 @@ def classifier_config(task, variant, recipe):
   c.data.augment = v['augment']
   c.data.on_error = 'skip'           # unreadable image files: 'skip' | 'fail'
   c.data.max_pixels = 89_478_485     # larger images are skipped (PIL's limit)
+  c.data.shuffle_buffer = 10_000     # TFDS examples in the shuffle buffer
+  c.data.repeats = ml_collections.config_dict.placeholder(int)  # copies of
+                                     # each embedded photo per epoch; None:
+                                     # an epoch of at least 256 examples
+  c.data.image_key = 'image'         # TFDS feature names
+  c.data.label_key = 'label'
 
   c.batch_size = v['batch_size']     # global batch of one micro-step
   c.accum_iter = 1
@@ -70,5 +76,7 @@ def classifier_config(task, variant, recipe):
   c.keep_checkpoints = 3
   c.log_every_steps = v['log_every_steps']
   c.eval_every_steps = v['eval_every_steps']
+  c.resume_override = ''             # config fields a resumed run may change,
+                                     # e.g. 'total_steps,epochs'
   c.lock()
   return c

@@ -1,6 +1,7 @@
 """Fine-tuning: `--config configs/finetune.py:VARIANT` (tiny|base|large|huge).
 
-MAE_SPEC section 7: AdamW, layer-wise lr decay, mixup 0.8 / cutmix 1.0,
+The fine-tuning recipe of He et al. 2021 (appendix A.1, Table 9; the official code's
+main_finetune.py): AdamW, layer-wise lr decay, mixup 0.8 / cutmix 1.0,
 label smoothing 0.1, RandAugment, random erasing; base blr 5e-4, layer decay
 0.65, 100 epochs; large/huge blr 1e-3, layer decay 0.75, 50 epochs.
 """

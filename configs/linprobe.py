@@ -1,6 +1,7 @@
 """Linear probing: `--config configs/linprobe.py:VARIANT` (tiny|base|large|huge).
 
-MAE_SPEC section 8: frozen encoder, cls-token feature after `norm`,
+The linear-probing recipe of He et al. 2021 (appendix A.1, Table 10; the official
+code's main_linprobe.py): frozen encoder, cls-token feature after `norm`,
 BatchNorm (no affine) + linear head, LARS, blr 0.1, wd 0, batch 16384,
 90 epochs (50 for large/huge), 10 warmup epochs, crop + flip only.
 """

@@ -1,7 +1,9 @@
 """MAE pretraining: `--config configs/pretrain.py:VARIANT`.
 
 Variants: tiny (embedded images, CPU, minutes), base, large, huge (ImageNet
-via tfds `imagenet2012`, the recipe of MAE_SPEC section 6).
+via tfds `imagenet2012`, the pretraining recipe of He et al. 2021, "Masked
+Autoencoders Are Scalable Vision Learners", appendix A.1, Table 8; the
+official code's main_pretrain.py).
 """
 import ml_collections
 
@@ -49,6 +51,12 @@ def get_config(arg='tiny'):
   c.data.image_size = v['image_size']
   c.data.on_error = 'skip'           # unreadable image files: 'skip' | 'fail'
   c.data.max_pixels = 89_478_485     # larger images are skipped (PIL's limit)
+  c.data.shuffle_buffer = 10_000     # TFDS examples in the shuffle buffer
+  c.data.repeats = ml_collections.config_dict.placeholder(int)  # copies of
+                                     # each embedded photo per epoch; None:
+                                     # an epoch of at least 256 examples
+  c.data.image_key = 'image'         # TFDS feature names
+  c.data.label_key = 'label'
 
   c.batch_size = v['batch_size']     # global batch of one micro-step
   c.accum_iter = 1                   # effective batch = batch_size * accum_iter
@@ -68,5 +76,9 @@ def get_config(arg='tiny'):
   c.log_every_steps = v['log_every_steps']
   c.figure_every_steps = v['figure_every_steps']
   c.skip_nonfinite = False           # True: skip NaN/Inf updates, else stop
+  c.resume_override = ''             # 'total_steps,epochs': config fields a
+                                     # resumed run may change (every field
+                                     # but the logging/checkpoint/execution
+                                     # ones must match its checkpoint)
   c.lock()
   return c

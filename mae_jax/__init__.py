@@ -3,6 +3,10 @@
 Public API: model constructors by name, `create_model`, `load` / `save` of
 checkpoint directories (converted files and training workdirs alike); the
 PyTorch converter lives in `mae_jax.convert`.
+
+Importing the package needs only the core install: TensorFlow (extra
+`data`), matplotlib (`viz`) and PyTorch (`torch`) are imported by the modules
+that use them, when they are used.
 """
 import functools
 

@@ -14,17 +14,22 @@ checkpoints written before it existed) means the unrolled 'blocks_{i}'
 layout, True the stacked 'blocks' layout of nn.scan. `load(path,
 scan_blocks=...)` converts to the layout asked for, so any checkpoint loads
 into either kind of model; see mae_jax.models.scan_layout.
+
+Paths: every function takes a str or path-like, relative (to the current
+directory) or absolute, or an object-store URI such as gs://bucket/ckpt
+(mae_jax.paths.resolve); error messages name the path as it was given.
 """
 import dataclasses
 import os
-import shutil
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from mae_jax.models import MaskedAutoencoder, VisionTransformer, to_layout
+from mae_jax import paths
+from mae_jax.models import (MaskedAutoencoder, VisionTransformer,
+                            model_input_shape, to_layout)
 from mae_jax.torch_io import CheckpointError
 
 MODEL_CLASSES = {cls.__name__: cls
@@ -54,8 +59,7 @@ def build_model(description, **overrides):
 
 def abstract_params(model):
   """ShapeDtypeStruct tree of the model's parameters (nothing allocated)."""
-  size, chans = model.img_size, getattr(model, 'in_chans', 3)
-  imgs = jax.ShapeDtypeStruct((1, size, size, chans), np.float32)
+  imgs = jax.ShapeDtypeStruct((1, *model_input_shape(model)), np.float32)
   if isinstance(model, MaskedAutoencoder):
     noise = jax.ShapeDtypeStruct((1, model.num_patches), np.float32)
     init = lambda key, x, n: model.init(key, x, noise=n)
@@ -65,51 +69,58 @@ def abstract_params(model):
   return shapes['params']
 
 
-def _temp_beside(path):
-  parent = os.path.dirname(os.path.abspath(path))
-  return os.path.join(parent, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
-
-
 def save(directory, model, variables, step=0):
   """Writes model + params to a new orbax root `directory`, atomically.
 
-  `variables` is {'params': tree} or the params tree itself. The root is
-  written to a temporary sibling and renamed, so a failure leaves no
-  partial `directory`.
+  `variables` is {'params': tree} or the params tree itself. A local root
+  is written to a temporary sibling and renamed, so a failure leaves no
+  partial `directory`. On an object store (a URI), where a rename copies
+  every object and is no more atomic, the root is written in place and a
+  failed save removes what it wrote; only a process killed mid-save can
+  leave a partial `directory` there, which a later `save` refuses to
+  overwrite.
   """
-  directory = os.fspath(directory)
-  if os.path.exists(directory):
-    raise CheckpointError(f'{directory}: already exists; remove it or choose '
+  shown = os.fspath(directory)
+  directory = paths.resolve(directory)
+  if directory.exists():
+    raise CheckpointError(f'{shown}: already exists; remove it or choose '
                           'another destination')
   params = variables.get('params', variables)
   params = jax.tree.map(np.asarray, params)
-  tmp = _temp_beside(directory)
-  shutil.rmtree(tmp, ignore_errors=True)
+  in_place = paths.is_uri(directory)
+  target = directory if in_place else (
+      directory.parent / f'.{directory.name}.tmp-{os.getpid()}')
+  target.rmtree(missing_ok=True)
   options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False,
                                          create=True)
+  done = False
   try:
     handlers = {'params': ocp.PyTreeCheckpointHandler(use_compression=False),
                 'model': ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(tmp, options=options,
+    with ocp.CheckpointManager(target, options=options,
                                item_handlers=handlers) as mngr:
       mngr.save(step, args=ocp.args.Composite(
           params=ocp.args.PyTreeSave(params),
           model=ocp.args.JsonSave(model_description(model))))
-    os.rename(tmp, directory)
+    if not in_place:
+      target.rename(directory)
+    done = True
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not done:
+      target.rmtree(missing_ok=True)
 
 
 def _root(path):
   """The orbax root for `path`: itself or its `checkpoints/` subdirectory."""
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise CheckpointError(f'{path}: no such checkpoint directory')
-  if not os.path.isdir(path):
-    raise CheckpointError(f'{path}: is a file, not a mae_jax checkpoint '
+  shown = os.fspath(path)
+  path = paths.resolve(path)
+  if not path.exists():
+    raise CheckpointError(f'{shown}: no such checkpoint directory')
+  if not path.is_dir():
+    raise CheckpointError(f'{shown}: is a file, not a mae_jax checkpoint '
                           'directory (convert it with convert_torch_weights.py)')
-  sub = os.path.join(path, 'checkpoints')
-  return sub if os.path.isdir(sub) else path
+  sub = path / 'checkpoints'
+  return sub if sub.is_dir() else path
 
 
 def is_checkpoint(path):
@@ -118,8 +129,8 @@ def is_checkpoint(path):
     root = _root(path)
   except CheckpointError:
     return False
-  return any(os.path.isdir(os.path.join(root, d, 'model'))
-             for d in os.listdir(root) if d.isdigit())
+  return any(d.name.isdigit() and (d / 'model').is_dir()
+             for d in root.iterdir())
 
 
 def load(path, step=None, **overrides):
@@ -132,7 +143,8 @@ def load(path, step=None, **overrides):
   (the default is the layout the checkpoint was written in).
   """
   root = _root(path)
-  if not is_checkpoint(path):
+  path = os.fspath(path)
+  if not is_checkpoint(root):
     raise CheckpointError(f'{path}: not a mae_jax checkpoint (no step '
                           'directory with a "model" item)')
   options = ocp.CheckpointManagerOptions(create=False)

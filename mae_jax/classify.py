@@ -1,6 +1,8 @@
 """Fine-tuning and linear probing of MAE encoders, with evaluation.
 
-`config.task` chooses the recipe (MAE_SPEC sections 7 and 8):
+`config.task` chooses the recipe (He et al. 2021, "Masked Autoencoders Are
+Scalable Vision Learners", appendix A.1; the official code's main_finetune.py
+and main_linprobe.py):
   'finetune'  whole classifier, AdamW with layer-wise lr decay, mixup/cutmix,
               label smoothing, stochastic depth;
   'linprobe'  frozen encoder (no gradient computed for it), BatchNorm without
@@ -17,12 +19,15 @@ import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from mae_jax import checkpoint, convert, optim, sharding
-from mae_jax.config_check import ConfigError, check_classifier_config
+from mae_jax import checkpoint, convert, optim, paths, sharding
+from mae_jax.config_check import (ConfigError, check_classifier_config,
+                                  check_resume)
+from mae_jax.failed_saves import (SaveWatch, closing, quiet_failed_saves,
+                                  save_step)
 from mae_jax.mixup import mix_batch, smooth_one_hot, soft_cross_entropy
-from mae_jax.models import VisionTransformer, create_model
-from mae_jax.monitor import Monitor
-from mae_jax.trainer import attention_impl, schedule_for
+from mae_jax.models import VisionTransformer, create_model, model_input_shape
+from mae_jax.monitor import Monitor, mesh_text, shown
+from mae_jax.trainer import attention_impl, manager, schedule_for
 from mae_jax.workdir import Preemption, WorkdirLock
 
 
@@ -37,32 +42,45 @@ def build_model(config, num_classes):
       scan_blocks=config.get('scan_blocks', False))
 
 
-def pretrained_params(init_from, model, rng):
-  """Classifier params from `init_from`: a classifier checkpoint (.pth or
-  mae_jax directory) of the same shape is taken whole; otherwise its encoder
-  fills the model and the head starts fresh (pos_embed resampled)."""
+WHOLE = 'the whole classifier'
+
+
+def load_pretrained(init_from, model, rng):
+  """(params, what was taken) for the classifier `model` from `init_from`:
+  a classifier checkpoint (.pth or mae_jax directory) of the same shape is
+  taken whole (WHOLE); otherwise its encoder fills the model and the head
+  starts fresh (pos_embed resampled)."""
+  path = paths.resolve(init_from)
+  source = os.fspath(path)
   expected = traverse_util.flatten_dict(checkpoint.abstract_params(model))
   def fits(params):
     flat = traverse_util.flatten_dict(params)
     return set(flat) == set(expected) and all(
         tuple(flat[k].shape) == tuple(expected[k].shape) for k in flat)
-  if os.path.isdir(init_from):
-    loaded, variables = checkpoint.load(
-        init_from, scan_blocks=model.scan_blocks)
+  if path.is_dir():
+    loaded, variables = checkpoint.load(source,
+                                        scan_blocks=model.scan_blocks)
     if isinstance(loaded, VisionTransformer) and fits(variables['params']):
-      return variables['params']
-  elif not os.path.exists(init_from):
+      return variables['params'], WHOLE
+  elif not path.exists():
     raise ConfigError(f'config.init_from={init_from!r}: no such file or '
                       'directory')
   else:
     from mae_jax.torch_io import read_state_dict
-    state, extras = read_state_dict(init_from)
-    if convert.detect(state, init_from).kind.startswith('classifier'):
-      _, params, _ = convert.from_torch(state, None, extras, init_from,
+    state, extras = read_state_dict(source)
+    if convert.detect(state, source).kind.startswith('classifier'):
+      _, params, _ = convert.from_torch(state, None, extras, source,
                                         scan_blocks=model.scan_blocks)
       if fits(params):
-        return params
-  return convert.init_classifier_from(init_from, model, rng)['params']
+        return params, WHOLE
+  fresh = 'head and fc_norm' if model.global_pool else 'head'
+  params = convert.init_classifier_from(source, model, rng)['params']
+  return params, f'the encoder only ({fresh} newly initialised)'
+
+
+def pretrained_params(init_from, model, rng):
+  """Classifier params from `init_from` (see load_pretrained)."""
+  return load_pretrained(init_from, model, rng)[0]
 
 
 class ClassifierTrainer:
@@ -78,6 +96,7 @@ class ClassifierTrainer:
     self.num_classes = num_classes
     self.model = build_model(config, num_classes)
     self.probe = config.task == 'linprobe'
+    self.initialised_from = None  # what init_state took from init_from
 
   def setup(self, steps_per_epoch):
     c = self.config
@@ -108,8 +127,7 @@ class ClassifierTrainer:
         out_shardings=rep)
 
   def _init(self, key):
-    size = self.model.img_size
-    return self.model.init(key, jnp.zeros((1, size, size, 3)))
+    return self.model.init(key, jnp.zeros((1, *model_input_shape(self.model))))
 
   def init_state(self):
     """Fresh or pretrained parameters (config.init_from), sharded."""
@@ -117,7 +135,8 @@ class ClassifierTrainer:
     key = jax.random.key(c.seed)
     variables = jax.jit(self._init)(key)
     if c.init_from:
-      params = pretrained_params(c.init_from, self.model, key)
+      params, what = load_pretrained(c.init_from, self.model, key)
+      self.initialised_from = f'{shown(paths.resolve(c.init_from))}: {what}'
       variables = {**variables, 'params': jax.tree.map(jnp.asarray, params)}
     trainable = (variables['params']['head'] if self.probe
                  else variables['params'])
@@ -183,19 +202,30 @@ class ClassifierTrainer:
     return ('params', 'opt_state', 'model', 'meta') + (
         ('batch_stats',) if self.probe else ())
 
-  def save(self, mngr, step, state):
+  def save(self, mngr, step, state, watch):
+    """Starts an async save of `step` (after `watch` reported a failure of
+    the previous one)."""
+    watch.started(step)
     args = {k: ocp.args.StandardSave(state[k]) for k in self.item_names()
             if k in state}
-    mngr.save(step, args=ocp.args.Composite(
+    save_step(mngr, step, ocp.args.Composite(
         model=ocp.args.JsonSave(checkpoint.model_description(self.model)),
         meta=ocp.args.JsonSave({'step': step, 'config': json.loads(
             self.config.to_json())}), **args))
 
   def restore(self, mngr, step):
+    """(state, overrides) of `step`; a checkpoint of another config is
+    refused as in pretraining (config_check.check_resume)."""
+    saved = mngr.restore(step, args=ocp.args.Composite(
+        model=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    overrides = check_resume(
+        self.config, saved['meta'].get('config', {}),
+        checkpoint.model_description(self.model), saved['model'],
+        shown(mngr.directory / str(step)))
     names = [k for k in self.item_names() if k in self.abstract]
     restored = mngr.restore(step, args=ocp.args.Composite(**{
         k: ocp.args.StandardRestore(self.abstract[k]) for k in names}))
-    return {k: restored[k] for k in names}
+    return {k: restored[k] for k in names}, overrides
 
 
 def train(config, workdir, mesh=None):
@@ -203,9 +233,10 @@ def train(config, workdir, mesh=None):
 
   Holds WORKDIR/.lock while running; SIGTERM saves the current step and
   returns normally."""
+  workdir = paths.resolve(workdir)
   preemption = Preemption()
   try:
-    with WorkdirLock(workdir, jax.process_index()):
+    with WorkdirLock(workdir, jax.process_index()), quiet_failed_saves():
       return _train(config, workdir, mesh, preemption)
   finally:
     preemption.restore()
@@ -232,20 +263,27 @@ def _train(config, workdir, mesh, preemption):
         config.data, config.batch_size * config.accum_iter,
         jax.process_count())
   t = ClassifierTrainer(config, num_classes, mesh)
-  process, processes = jax.process_index(), jax.process_count()
   t.setup(steps_per_epoch)
-  os.makedirs(workdir, exist_ok=True)
-  mngr = ocp.CheckpointManager(
-      os.path.join(workdir, 'checkpoints'), item_names=t.item_names(),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.keep_checkpoints, create=True))
+  mngr = manager(workdir / 'checkpoints', config.keep_checkpoints,
+                 t.item_names())
+  with closing(mngr):
+    return _loop(t, mngr, workdir, pipeline, preemption)
+
+
+def _loop(t, mngr, workdir, pipeline, preemption):
+  config = t.config
+  process, processes = jax.process_index(), jax.process_count()
   start = mngr.latest_step()
-  state = t.init_state() if start is None else t.restore(mngr, start)
-  start = start or 0
-  monitor = Monitor(workdir, t.total_steps, config, active=process == 0)
+  overrides = []
+  if start is None:
+    state, start = t.init_state(), 0
+  else:
+    state, overrides = t.restore(mngr, start)
+  monitor = Monitor(workdir, t.total_steps, config, active=process == 0,
+                    start_step=start)
   eval_cfg = dict(config.data.to_dict(), split=config.data.eval_split,
                   repeats=1)
-  def evaluate(step):
+  def evaluate(step, state):
     with split_of(eval_cfg, eval_cfg['split']):
       batches = pipeline.make_iterator(
           eval_cfg, config.batch_size, seed=config.seed, train=False,
@@ -254,42 +292,66 @@ def _train(config, workdir, mesh, preemption):
     monitor.log_eval(step, result)
     return result
 
-  if config.eval_only:
-    result = evaluate(start)
+  try:
+    if config.eval_only:
+      return evaluate(start, state)
+    monitor.note(f'{config.task}: {"resuming at" if start else "starting"} '
+                 f'step {start}/{t.total_steps}, {t.num_classes} classes, '
+                 f'workdir {shown(workdir)}, mesh {mesh_text(t.mesh)}')
+    if overrides:
+      monitor.note('resuming with changed fields (config.resume_override): '
+                   + '; '.join(overrides))
+    if t.initialised_from:
+      monitor.note(f'initialised from {t.initialised_from}')
+    elif not start:
+      monitor.note('initialised at random (config.init_from is not set)')
+    return _steps(t, mngr, state, start, monitor, evaluate, pipeline,
+                  preemption)
+  finally:
     monitor.close()
-    return result
-  monitor.note(f'{config.task}: {"resuming at" if start else "starting"} '
-               f'step {start}/{t.total_steps}, {num_classes} classes, '
-               f'workdir {workdir}')
+
+
+def _steps(t, mngr, state, start, monitor, evaluate, pipeline, preemption):
+  config = t.config
   with split_of(config.data, config.data.split):
     data = pipeline.make_iterator(
         config.data, config.batch_size, seed=config.seed,
-        start_step=start * config.accum_iter, process_index=process,
-        process_count=processes)
-  result = None
+        start_step=start * config.accum_iter,
+        process_index=jax.process_index(),
+        process_count=jax.process_count())
+  result, watch = None, SaveWatch(mngr)
   for step in range(start, t.total_steps):
     for micro in range(config.accum_iter):
       b = sharding.global_batch(t.mesh, next(data))
       state, metrics = t.train_step(state, b['image'], b['label'],
                                     jnp.int32(step), jnp.int32(micro))
+      monitor.add(metrics)
+    if step == start:
+      monitor.started(step + 1)
+    watch.poll()
     done = step + 1
     stop = preemption.reached(done)
     save = (done % config.checkpoint_every_steps == 0
             or done == t.total_steps or stop)
-    if done % config.log_every_steps == 0 or done == t.total_steps or save:
-      metrics = jax.device_get(metrics)
-      monitor.check_finite(step, metrics, last_good=mngr.latest_step())
     if done % config.log_every_steps == 0 or done == t.total_steps:
-      monitor.log(done, metrics)
+      record = monitor.log(done)  # means over the interval: any bad step
+      monitor.check_finite(step, record, last_good=mngr.latest_step())
     if save:
-      t.save(mngr, done, state)
+      monitor.check_finite(step, jax.device_get(metrics),
+                           last_good=mngr.latest_step())
+      t.save(mngr, done, state, watch)
     if done % config.eval_every_steps == 0 or done == t.total_steps:
-      result = evaluate(done)
+      with monitor.paused():
+        result = evaluate(done, state)
     if stop:
+      watch.finish()
       monitor.note(f'preempted (SIGTERM): saved step {done}/{t.total_steps}; '
                    'run the same command to resume')
-      break
-  mngr.wait_until_finished()
-  mngr.close()
-  monitor.close()
+      return result
+  watch.finish()
+  top1 = f'; top-1 {result["top1"]:.2f}%' if result else ''
+  monitor.note(f'done: {config.task} step {t.total_steps}{top1}; checkpoints '
+               f'in {shown(mngr.directory)}, metrics in '
+               f'{shown(monitor.workdir / "metrics.jsonl")} and '
+               f'{shown(monitor.workdir / "tb")}')
   return result

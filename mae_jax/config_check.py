@@ -1,22 +1,31 @@
-"""Checks a pretraining config before anything is compiled.
+"""Checks a config before anything is compiled, and a resumed run against
+the config its checkpoint was written with.
 
 Each error is one line naming the field, the bad value and what is allowed.
 """
+import json
+
+from mae_jax.errors import ConfigError
 from mae_jax.models import MAE_CONFIGS, VIT_CONFIGS
 
 KNOWN_DTYPES = ('float32', 'bfloat16')
 LOCAL_SOURCES = ('embedded', 'folder')
 ON_ERROR = ('skip', 'fail')
-# Fields a resumed run must share with its checkpoint: they change the
-# state's shapes or what the saved step and data position mean.
-RESUME_FIELDS = ('task', 'model', 'norm_pix_loss', 'global_pool',
-                 'num_classes', 'data.name', 'data.split', 'data.image_size',
-                 'batch_size', 'accum_iter', 'seed')
+# Resuming is deny-by-default: every config field must equal the one the
+# checkpoint was written with, except these, which change how a run is
+# executed, logged or saved but not the updates it computes (mesh and
+# attention kernels change float rounding only; skip_nonfinite and
+# data.on_error only act on a failure, and are how one answers it).
+# Anything else (recipe, schedule, data, model, dtype) needs
+# config.resume_override.
+NOT_TRAJECTORY = ('log_every_steps', 'checkpoint_every_steps',
+                  'keep_checkpoints', 'figure_every_steps',
+                  'eval_every_steps', 'eval_only', 'data.eval_split', 'mesh',
+                  'attention', 'remat', 'fuse_patch_gather', 'skip_nonfinite',
+                  'data.on_error', 'resume_override')
+# Saved model fields that mirror a NOT_TRAJECTORY config field.
+_MODEL_NOT_TRAJECTORY = ('fuse_patch_gather',)
 ATTENTION = ('default', 'xla', 'cudnn', 'chunked')
-
-
-class ConfigError(ValueError):
-  """A config field holds a value that cannot work."""
 
 
 def check_pretrain_config(config):
@@ -72,9 +81,11 @@ def _check_common(config, registry):
   if on_error not in ON_ERROR:
     raise ConfigError(f'config.data.on_error={on_error!r} is unknown; '
                       f'allowed: {", ".join(ON_ERROR)}')
-  if config.data.get('max_pixels', 1) < 1:
-    raise ConfigError(f'config.data.max_pixels={config.data.max_pixels} must '
-                      'be >= 1')
+  for field in ('max_pixels', 'shuffle_buffer', 'repeats'):
+    value = config.data.get(field)
+    if value is not None and value < 1:
+      raise ConfigError(f'config.data.{field}={value} must be >= 1')
+  resume_overrides(config)
   name, data_dir = config.data.name, config.data.data_dir
   if name == 'folder' and not data_dir:
     raise ConfigError("config.data.data_dir is required for "
@@ -96,24 +107,52 @@ def _flat(tree, prefix=''):
   return out
 
 
+def resume_overrides(config):
+  """Field names of config.resume_override ('total_steps,epochs'), each a
+  config field; raises ConfigError naming one that is not."""
+  names = [n.strip() for n in (config.get('resume_override') or '').split(',')
+           if n.strip()]
+  fields = _flat(json.loads(config.to_json()))
+  for name in names:
+    if name not in fields:
+      raise ConfigError(f'config.resume_override names {name!r}, which is '
+                        'not a config field (write nested ones as '
+                        'data.image_size)')
+  return names
+
+
 def check_resume(config, saved_config, model, saved_model, where):
-  """Raises ConfigError naming every field in which the checkpoint at `where`
-  (its saved config and model description, JSON dicts) differs from now."""
-  import json
+  """Compares a run with the checkpoint at `where` (its saved config and
+  model description, JSON dicts) before it is restored.
+
+  Every config field must be equal, except NOT_TRAJECTORY and the fields
+  named in config.resume_override; fields absent from either side (added
+  to the configs after the checkpoint was written) are not compared.
+  Raises ConfigError naming every differing field; returns one
+  'FIELD: OLD -> NEW' string per difference resume_override allowed.
+  """
   now = _flat(json.loads(config.to_json()))
   then = _flat(saved_config)
+  allowed = resume_overrides(config)
+  differ = [k for k in now if k in then and then[k] != now[k]
+            and k not in NOT_TRAJECTORY]
+  overridden = [f'{k}: {then[k]!r} -> {now[k]!r}' for k in differ
+                if k in allowed]
   diffs = [f'{k}={then[k]!r} (checkpoint) != {now[k]!r} (now)'
-           for k in RESUME_FIELDS if k in now and k in then
-           and then[k] != now[k]]
+           for k in differ if k not in allowed]
   if not diffs:  # same config fields; the module itself may still differ
     fields = json.loads(json.dumps(model))
     diffs = [f'model.{k}={v!r} (checkpoint) != {fields["fields"].get(k)!r} '
              '(now)' for k, v in saved_model.get('fields', {}).items()
-             if fields['fields'].get(k) != v]
+             if fields['fields'].get(k) != v
+             and k not in _MODEL_NOT_TRAJECTORY]
     if saved_model.get('class') != fields['class']:
       diffs.insert(0, f'model class {saved_model.get("class")!r} '
                    f'(checkpoint) != {fields["class"]!r} (now)')
   if diffs:
-    raise ConfigError(f'checkpoint {where} was written by another config: '
-                      f'{"; ".join(diffs)}; use its config or another '
-                      '--workdir')
+    raise ConfigError(
+        f'checkpoint {where} was written by another config: '
+        f'{"; ".join(diffs)}; resuming would change the run. Use its config, '
+        'another --workdir, or allow the change with '
+        '--config.resume_override=FIELD[,FIELD...]')
+  return overridden

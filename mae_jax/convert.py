@@ -1,12 +1,13 @@
 """PyTorch (official MAE / timm layout) <-> mae_jax parameter trees.
 
-Key mapping: `blocks.{i}.` <-> `blocks_{i}/`, `decoder_blocks.{i}.` <->
-`decoder_blocks_{i}/`, `patch_embed.proj` <-> `patch_embed`; Linear weight
-(out, in) <-> kernel (in, out); conv weight (D, C, p, p) <-> kernel
-(p, p, C, D); LayerNorm weight <-> scale. The MAE's pos_embed and
-decoder_pos_embed are fixed sin-cos tables: checked on the way in, rebuilt
-on the way out. Every conversion is strict: any missing, unexpected or
-mis-shaped key is an error that names them all.
+Key names, tensor layouts and file-kind detection are in
+mae_jax.torch_layout. The MAE's pos_embed and decoder_pos_embed are fixed
+sin-cos tables: checked on the way in, rebuilt on the way out. Every conversion is strict: any missing, unexpected or
+mis-shaped key is an error that names them all, and so is a NaN or Inf
+in any weight unless `allow_nonfinite` keeps it (with a warning).
+
+Inputs may be torch tensors or NumPy arrays (a .safetensors file read without
+torch); only the .pth side of a conversion needs torch.
 
 Models with scan_blocks=True hold their blocks stacked ('blocks/...' with a
 leading layer axis, see mae_jax.models.scan_layout): conversion always goes
@@ -15,181 +16,73 @@ params are stacked or unstacked at the edges, so every function here takes
 and returns the layout of the model it is given.
 """
 import collections
-import dataclasses
 import os
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mae_jax import checkpoint
-from mae_jax.models import MAE_CONFIGS, VIT_CONFIGS, create_model
+from mae_jax import checkpoint, extras as extras_lib, paths
+from mae_jax.models import (MAE_CONFIGS, VIT_CONFIGS, create_model,
+                            model_input_shape)
 from mae_jax.models import MaskedAutoencoder, to_layout, unstack_blocks
 from mae_jax.models.pos_embed import resize_grid, sincos_2d
 from mae_jax.torch_io import TRAINING_KEYS, CheckpointError, read_state_dict
+from mae_jax.torch_layout import (array_to_torch, as_numpy, check_keys, detect,
+                                  tensor_to_flax, to_flax_path, to_torch_key,
+                                  torch_shapes)
 
 FIXED_TABLES = ('pos_embed', 'decoder_pos_embed')
 SINCOS_ATOL = 1e-6
-_BLOCK = re.compile(r'^(blocks|decoder_blocks)\.(\d+)\.(.*)$')
 
 
-# ----------------------------------------------------------------- key names
-def to_flax_path(key, ndim):
-  """'blocks.3.attn.qkv.weight' -> ('blocks_3', 'attn', 'qkv', 'kernel')."""
-  m = _BLOCK.match(key)
-  if m:
-    parts = [f'{m.group(1)}_{m.group(2)}'] + m.group(3).split('.')
-  else:
-    parts = key.split('.')
-  if parts[:2] == ['patch_embed', 'proj']:
-    parts = ['patch_embed'] + parts[2:]
-  if len(parts) > 1 and parts[-1] == 'weight':
-    parts[-1] = 'scale' if ndim == 1 else 'kernel'
-  return tuple(parts)
+# ------------------------------------------------------------ finiteness
+def _nonfinite(key, path, arr):
+  """'' for an all-finite array, else a description naming both names."""
+  if np.isfinite(arr).all():
+    return ''
+  nan, inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
+  return (f'{key} (mae_jax {"/".join(path)}: {nan} NaN, {inf} Inf of '
+          f'{arr.size} values)')
 
 
-def to_torch_key(path):
-  """('blocks_3', 'attn', 'qkv', 'kernel') -> 'blocks.3.attn.qkv.weight'."""
-  parts = list(path)
-  m = re.match(r'^(blocks|decoder_blocks)_(\d+)$', parts[0])
-  if m:
-    parts[0] = f'{m.group(1)}.{m.group(2)}'
-  elif parts[0] == 'patch_embed':
-    parts[0] = 'patch_embed.proj'
-  if len(parts) > 1 and parts[-1] in ('kernel', 'scale'):
-    parts[-1] = 'weight'
-  return '.'.join(parts)
-
-
-def tensor_to_flax(tensor):
-  """torch tensor -> NumPy array in the Flax layout (fresh memory unless the
-  tensor already is contiguous in that layout)."""
-  import torch  # pylint: disable=import-outside-toplevel
-  tensor = tensor.detach()
-  if tensor.dtype == torch.bfloat16:
-    tensor = tensor.float()
-  if tensor.ndim == 4:
-    tensor = tensor.permute(2, 3, 1, 0)
-  elif tensor.ndim == 2:
-    tensor = tensor.t()
-  return tensor.contiguous().numpy()
-
-
-def array_to_torch(path, arr):
-  """Flax-layout array -> torch tensor in the official layout."""
-  import torch  # pylint: disable=import-outside-toplevel
-  arr = np.asarray(arr)
-  if path[-1] == 'kernel' and arr.ndim == 4:
-    arr = arr.transpose(3, 2, 0, 1)
-  elif path[-1] == 'kernel' and arr.ndim == 2:
-    arr = arr.T
-  return torch.from_numpy(np.array(arr, order='C'))
-
-
-def torch_shapes(model):
-  """Ordered {official key: shape} that `model` needs from a torch file."""
-  flat = traverse_util.flatten_dict(
-      unstack_blocks(checkpoint.abstract_params(model)))
-  shapes = collections.OrderedDict()
-  for path, leaf in flat.items():
-    shape = tuple(leaf.shape)
-    if path[-1] == 'kernel' and len(shape) == 4:
-      shape = (shape[3], shape[2], shape[0], shape[1])
-    elif path[-1] == 'kernel':
-      shape = shape[::-1]
-    shapes[to_torch_key(path)] = shape
-    if isinstance(model, MaskedAutoencoder) and path[0] in ('cls_token',
-                                                            'mask_token'):
-      name = 'pos_embed' if path[0] == 'cls_token' else 'decoder_pos_embed'
-      shapes[name] = (1, 1 + model.num_patches, shape[-1])
-  return shapes
-
-
-def check_keys(source, state_dict, expected):
-  """Raises one CheckpointError listing missing/unexpected/mis-shaped keys."""
-  missing = [k for k in expected if k not in state_dict]
-  unexpected = [k for k in state_dict if k not in expected]
-  wrong = [f'{k} {tuple(state_dict[k].shape)} (expected {expected[k]})'
-           for k in expected
-           if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
-  problems = [f'{label}: {", ".join(keys)}' for label, keys in
-              (('missing', missing), ('unexpected', unexpected),
-               ('wrong shape', wrong)) if keys]
-  if problems:
-    raise CheckpointError(f'{source}: keys do not match the model; '
-                          + '; '.join(problems))
-
-
-# ----------------------------------------------------------------- detection
-@dataclasses.dataclass
-class Detected:
-  """What a torch state dict holds: kind, size and model-field overrides."""
-  kind: str  # 'mae', 'encoder', 'classifier_gpool' or 'classifier_cls'
-  size: str  # e.g. 'base_patch16'
-  overrides: dict
-
-
-def _known_sizes():
-  return ', '.join(f'{n[len("mae_vit_"):]} (patch {c["patch_size"]}, width '
-                   f'{c["embed_dim"]}, depth {c["depth"]})'
-                   for n, c in MAE_CONFIGS.items())
-
-
-def detect(state_dict, source='<state dict>'):
-  """File kind and model size from key names and shapes."""
-  keys = set(state_dict)
-  if 'patch_embed.proj.weight' not in keys:
-    raise CheckpointError(f'{source}: no patch_embed.proj.weight: not an MAE '
-                          'or ViT state dict')
-  if any(k.startswith('decoder_') for k in keys) or 'mask_token' in keys:
-    kind = 'mae'
-  elif 'head.weight' in keys:
-    kind = 'classifier_gpool' if 'fc_norm.weight' in keys else 'classifier_cls'
-  elif 'norm.weight' in keys:
-    kind = 'encoder'
-  else:
-    raise CheckpointError(f'{source}: neither a decoder, a head nor a final '
-                          'norm: unrecognised layout')
-  width, chans, patch, _ = state_dict['patch_embed.proj.weight'].shape
-  depth = len({m.group(2) for m in map(_BLOCK.match, keys)
-               if m and m.group(1) == 'blocks'})
-  size = next((n[len('mae_vit_'):] for n, c in MAE_CONFIGS.items()
-               if (c['patch_size'], c['embed_dim'], c['depth'])
-               == (patch, width, depth)), None)
-  if size is None:
-    raise CheckpointError(
-        f'{source}: unknown model size (patch {patch}, width {width}, depth '
-        f'{depth}); known sizes: {_known_sizes()}; or pass --model')
-  overrides = {}
-  if 'pos_embed' in keys:
-    grid = int(round((state_dict['pos_embed'].shape[1] - 1) ** 0.5))
-    overrides['img_size'] = grid * patch
-  if kind.startswith('classifier'):
-    overrides['num_classes'] = int(state_dict['head.weight'].shape[0])
-    overrides['global_pool'] = kind == 'classifier_gpool'
-  return Detected(kind, size, overrides)
+def _refuse_nonfinite(source, bad, allow, warn):
+  """Raises CheckpointError naming the tensors in `bad`, unless `allow`, in
+  which case `warn(message)` is called (when given)."""
+  if not bad:
+    return
+  names = '; '.join(bad)
+  if not allow:
+    raise CheckpointError(f'{source}: non-finite weights in {names}; refusing '
+                          'to convert (convert_torch_weights.py '
+                          '--allow-nonfinite keeps them)')
+  if warn is not None:
+    warn(f'{source}: kept non-finite weights (--allow-nonfinite): {names}')
 
 
 # ------------------------------------------------------------ torch -> flax
 def _check_sincos(source, name, tensor):
-  table = tensor.detach().float().numpy().reshape(tensor.shape[-2:])
+  table = as_numpy(tensor).astype(np.float32).reshape(tensor.shape[-2:])
   grid = int(round((table.shape[0] - 1) ** 0.5))
   err = float(np.max(np.abs(table - sincos_2d(table.shape[1], grid))))
-  if err > SINCOS_ATOL:
+  if not err <= SINCOS_ATOL:  # also catches NaN
     raise CheckpointError(
         f'{source}: {name} is not the fixed 2D sin-cos table (max abs diff '
         f'{err:.3g} > {SINCOS_ATOL}); the MAE cannot hold a learned {name}')
 
 
-def _pop_to_flax(state_dict, keys):
-  """Converts and removes `keys` one by one, so memory is freed as we go."""
-  flat = {}
+def _pop_to_flax(state_dict, keys, source, allow_nonfinite=False, warn=None):
+  """Converts and removes `keys` one by one, so memory is freed as we go;
+  non-finite values are refused unless `allow_nonfinite`."""
+  flat, bad = {}, []
   for key in keys:
     tensor = state_dict.pop(key)
-    flat[to_flax_path(key, tensor.ndim)] = tensor_to_flax(tensor)
+    path = to_flax_path(key, tensor.ndim)
+    flat[path] = tensor_to_flax(tensor)
     del tensor
+    bad.append(_nonfinite(key, path, flat[path]))
+  _refuse_nonfinite(source, [b for b in bad if b], allow_nonfinite, warn)
   return flat
 
 
@@ -202,7 +95,8 @@ def _missing_decoder(source):
       'vit_<size> instead')
 
 
-def mae_from_torch(state_dict, model, source='<state dict>'):
+def mae_from_torch(state_dict, model, source='<state dict>',
+                   allow_nonfinite=False, warn=None):
   """Strict torch state dict -> MAE params. Consumes `state_dict`.
 
   Returns (params, skipped) where skipped lists the checked fixed tables.
@@ -213,20 +107,20 @@ def mae_from_torch(state_dict, model, source='<state dict>'):
   check_keys(source, state_dict, expected)
   for name in FIXED_TABLES:
     _check_sincos(source, name, state_dict.pop(name))
-  flat = _pop_to_flax(state_dict, list(state_dict))
+  flat = _pop_to_flax(state_dict, list(state_dict), source, allow_nonfinite,
+                      warn)
   skipped = [f'{n} (fixed sin-cos table, matches the formula within '
              f'{SINCOS_ATOL})' for n in FIXED_TABLES]
   return traverse_util.unflatten_dict(flat), skipped
 
 
-def _fresh_params(model, rng, paths):
+def _fresh_params(model, rng, wanted):
   """Initialises only the parameters at `paths` (XLA drops the rest)."""
-  size = model.img_size
-  imgs = jnp.zeros((1, size, size, 3), jnp.float32)
+  imgs = jnp.zeros((1, *model_input_shape(model)), jnp.float32)
 
   def init(key):
     flat = traverse_util.flatten_dict(model.init(key, imgs)['params'])
-    return {p: flat[p] for p in paths}
+    return {p: flat[p] for p in wanted}
   return {p: np.asarray(v) for p, v in jax.jit(init)(rng).items()}
 
 
@@ -268,11 +162,11 @@ def classifier_from_encoder(flat, model, rng, source='<state dict>'):
   return params, fresh_names, skipped
 
 
-def _flat_encoder(path_or_state):
+def _flat_encoder(path_or_state, source):
   """Encoder weights as a flat Flax dict (unrolled blocks) with pos_embed
   (1, 1+L, D)."""
   if isinstance(path_or_state, (str, os.PathLike)):
-    if os.path.isdir(path_or_state):
+    if paths.resolve(path_or_state).is_dir():
       model, variables = checkpoint.load(path_or_state, scan_blocks=False)
       flat = traverse_util.flatten_dict(variables['params'])
       if isinstance(model, MaskedAutoencoder):
@@ -283,7 +177,7 @@ def _flat_encoder(path_or_state):
     state = dict(path_or_state.get('params', path_or_state))
     if not any('.' in k for k in state):  # a Flax params tree
       return traverse_util.flatten_dict(unstack_blocks(state))
-  return _pop_to_flax(dict(state), list(state))
+  return _pop_to_flax(dict(state), list(state), source)
 
 
 def init_classifier_from(path_or_state, model, rng):
@@ -292,8 +186,8 @@ def init_classifier_from(path_or_state, model, rng):
   state dict or Flax params tree) and its head/fc_norm freshly initialised."""
   source = (os.fspath(path_or_state)
             if isinstance(path_or_state, (str, os.PathLike)) else '<weights>')
-  params, _, _ = classifier_from_encoder(_flat_encoder(path_or_state), model,
-                                         rng, source)
+  params, _, _ = classifier_from_encoder(
+      _flat_encoder(path_or_state, source), model, rng, source)
   return {'params': params}
 
 
@@ -301,41 +195,67 @@ def _param_count(params):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
+def norm_pix_setting(norm_pix_loss=None, extras=None):
+  """(norm_pix_loss, where it came from) for an MAE made from a torch file,
+  which holds no model description: the caller's switch when given, else a
+  training checkpoint's args.norm_pix_loss, else the model default."""
+  args = (extras or {}).get('args')
+  in_args = getattr(args, 'norm_pix_loss', None)
+  if norm_pix_loss is not None:
+    where = f'from --{"" if norm_pix_loss else "no-"}norm-pix-loss'
+    if in_args is not None and bool(in_args) != norm_pix_loss:
+      where += f"; the file's args say {bool(in_args)}"
+    return bool(norm_pix_loss), where
+  if in_args is not None:
+    return bool(in_args), "from the file's args"
+  return MaskedAutoencoder.norm_pix_loss, ('default; pass --norm-pix-loss if '
+                                           'the weights were trained with it')
+
+
 def from_torch(state_dict, model_name=None, extras=None, source='<weights>',
-               rng=None, scan_blocks=False):
+               rng=None, scan_blocks=False, norm_pix_loss=None,
+               allow_nonfinite=False, warn=None):
   """torch state dict -> (model, params, report lines). Consumes state_dict.
 
   The model is `model_name` (registry name) or detected from the keys; with
-  scan_blocks it is the nn.scan variant and its params are stacked.
+  scan_blocks it is the nn.scan variant and its params are stacked. An MAE's
+  norm_pix_loss comes from `norm_pix_setting(norm_pix_loss, extras)`; a
+  classifier has no pixel loss, so passing norm_pix_loss for one is an error.
+  Non-finite weights are refused unless `allow_nonfinite` (then `warn`ed).
   """
   extras = extras or {}
   found = detect(state_dict, source)
   if model_name is None:
     prefix = 'vit_' if found.kind.startswith('classifier') else 'mae_vit_'
     model_name = prefix + found.size
+  report = [f'source kind: {found.kind} (size {found.size})']
   if model_name in MAE_CONFIGS:
     overrides = {k: v for k, v in found.overrides.items() if k == 'img_size'}
-    args = extras.get('args')
-    if hasattr(args, 'norm_pix_loss'):
-      overrides['norm_pix_loss'] = bool(args.norm_pix_loss)
+    overrides['norm_pix_loss'], where = norm_pix_setting(norm_pix_loss, extras)
+    report.append(f'norm_pix_loss: {overrides["norm_pix_loss"]} ({where})')
   elif model_name in VIT_CONFIGS:
     overrides = dict(found.overrides)
+    if norm_pix_loss is not None:
+      raise CheckpointError(
+          f'{source}: --[no-]norm-pix-loss applies to MAE conversion only; '
+          f'{model_name} is a classifier, which has no pixel loss to record')
   else:
-    create_model(model_name)  # raises, listing the known names
+    raise CheckpointError(f'unknown model name {model_name!r}; known names: '
+                          + ', '.join(sorted(MAE_CONFIGS) + sorted(VIT_CONFIGS)))
   model = create_model(model_name, **overrides, scan_blocks=scan_blocks)
-  report = [f'source kind: {found.kind} (size {found.size})']
+  nonfinite = dict(source=source, allow_nonfinite=allow_nonfinite, warn=warn)
   if isinstance(model, MaskedAutoencoder):
     if found.kind != 'mae':
       raise _missing_decoder(source)
-    params, skipped = mae_from_torch(state_dict, model, source)
+    params, skipped = mae_from_torch(state_dict, model, **nonfinite)
   elif found.kind.startswith('classifier'):
     check_keys(source, state_dict, torch_shapes(model))
     params = traverse_util.unflatten_dict(
-        _pop_to_flax(state_dict, list(state_dict)))
+        _pop_to_flax(state_dict, list(state_dict), **nonfinite))
     skipped = []
   else:
     rng = jax.random.key(0) if rng is None else rng
-    flat = _pop_to_flax(state_dict, list(state_dict))
+    flat = _pop_to_flax(state_dict, list(state_dict), **nonfinite)
     params, fresh, skipped = classifier_from_encoder(flat, model, rng, source)
     report.append('initialised fresh (fine-tuning init): ' + ', '.join(fresh))
   params = to_layout(params, scan_blocks)
@@ -350,29 +270,38 @@ def from_torch(state_dict, model_name=None, extras=None, source='<weights>',
   return model, params, report
 
 
-def convert_file(src, dst, model_name=None):
-  """Converts a .pth/.pt/.safetensors file into the mae_jax directory `dst`.
+def _refuse_existing(dst):
+  if paths.resolve(dst).exists():
+    raise CheckpointError(f'{os.fspath(dst)}: already exists; remove it or '
+                          'choose another destination')
+
+
+def convert_file(src, dst, model_name=None, norm_pix_loss=None,
+                 allow_nonfinite=False, warn=None):
+  """Converts a .pth/.pt/.safetensors file into the mae_jax directory `dst`
+  (options as in `from_torch`).
 
   Returns report lines. Nothing is written unless conversion succeeds.
   """
-  if os.path.exists(dst):
-    raise CheckpointError(f'{dst}: already exists; remove it or choose another '
-                          'destination')
+  _refuse_existing(dst)
   state_dict, extras = read_state_dict(src)
-  model, params, report = from_torch(state_dict, model_name, extras,
-                                     os.fspath(src))
+  model, params, report = from_torch(
+      state_dict, model_name, extras, os.fspath(src),
+      norm_pix_loss=norm_pix_loss, allow_nonfinite=allow_nonfinite, warn=warn)
   checkpoint.save(dst, model, {'params': params})
   return report
 
 
 # ------------------------------------------------------------ flax -> torch
-def to_torch(model, params):
+def to_torch(model, params, source='<params>', allow_nonfinite=False,
+             warn=None):
   """Params -> ordered torch state dict in the official key layout; the MAE
   gains its fixed pos_embed / decoder_pos_embed tables (1, 1+L, D). Params
-  may be in either block layout."""
-  import torch  # pylint: disable=import-outside-toplevel
+  may be in either block layout. Non-finite values are refused unless
+  `allow_nonfinite` (then `warn`ed)."""
+  torch = extras_lib.require('torch', 'torch', 'writing .pth files')
   flat = traverse_util.flatten_dict(unstack_blocks(params))
-  state = collections.OrderedDict()
+  state, bad = collections.OrderedDict(), []
   for key, shape in torch_shapes(model).items():
     if isinstance(model, MaskedAutoencoder) and key in FIXED_TABLES:
       table = sincos_2d(shape[-1], model.grid_size)[None]
@@ -381,19 +310,29 @@ def to_torch(model, params):
     path = to_flax_path(key, len(shape))
     if path not in flat:
       raise CheckpointError(f'parameter {"/".join(path)} is missing')
-    state[key] = array_to_torch(path, flat.pop(path))
+    arr = np.asarray(flat.pop(path))
+    bad.append(_nonfinite(key, path, arr))
+    state[key] = array_to_torch(path, arr)
+  _refuse_nonfinite(source, [b for b in bad if b], allow_nonfinite, warn)
   return state
 
 
-def export_file(src, dst):
-  """mae_jax checkpoint `src` -> .pth `dst` holding {'model': state_dict}."""
+def export_file(src, dst, allow_nonfinite=False, warn=None):
+  """mae_jax checkpoint `src` -> .pth `dst` holding {'model': state_dict}.
+
+  Returns report lines; an MAE's norm_pix_loss, which a state dict cannot
+  hold, is among them."""
   from mae_jax.torch_io import write_pth  # pylint: disable=import-outside-toplevel
-  if os.path.exists(dst):
-    raise CheckpointError(f'{dst}: already exists; remove it or choose another '
-                          'destination')
+  _refuse_existing(dst)
   model, variables = checkpoint.load(src)
-  state = to_torch(model, variables['params'])
-  write_pth(dst, state)
-  return [f'model: {type(model).__name__}',
-          f'tensors: {len(state)}, parameters: '
-          f'{sum(t.numel() for t in state.values()):,}']
+  state = to_torch(model, variables['params'], os.fspath(src),
+                   allow_nonfinite, warn)
+  write_pth(paths.resolve(dst), state)
+  report = [f'model: {type(model).__name__}']
+  if isinstance(model, MaskedAutoencoder):
+    report.append(f'norm_pix_loss: {model.norm_pix_loss} (from the checkpoint; '
+                  'a state dict cannot hold it: pass --'
+                  f'{"" if model.norm_pix_loss else "no-"}norm-pix-loss when '
+                  'converting the .pth back)')
+  return report + [f'tensors: {len(state)}, parameters: '
+                   f'{sum(t.numel() for t in state.values()):,}']

@@ -1,9 +1,12 @@
 """The default image set: photographs shipped inside scikit-image.
 
 TensorFlow-free, so the visualisation tools can use it without the data
-pipeline. scikit-image is only located, never imported.
+pipeline. scikit-image is imported only to locate its data folder; without it
+the error names the install extra that brings it.
 """
 import importlib.resources
+
+from mae_jax import extras
 
 # Photographs shipped inside the scikit-image wheel (no download needed);
 # synthetic images (chessboard, color, logo, phantom, horse) are left out.
@@ -17,7 +20,8 @@ EMBEDDED_FILES = (
 
 def embedded_folder():
   """The installed scikit-image `data` folder (a Traversable)."""
-  return importlib.resources.files('skimage') / 'data'
+  skimage = extras.require('skimage', 'viz', 'the embedded sample photos')
+  return importlib.resources.files(skimage) / 'data'
 
 
 def embedded_paths():

@@ -1,23 +1,23 @@
 """Optional dependencies: a module used without its install extra fails with
-one line naming the extra to install."""
+one line naming the extra to install (the extras are listed in setup.py)."""
 import importlib
 
-
-class MissingExtraError(ImportError):
-  """An optional dependency is not installed."""
+from mae_jax.errors import MissingExtraError
 
 
 def require(module, extra, purpose=None):
-  """Imports and returns `module`; if it is missing, raises
-  MissingExtraError naming `pip install 'mae_jax[extra]'`."""
+  """Imports and returns `module`; if it (or a parent package) is not
+  installed, raises MissingExtraError naming `pip install 'mae_jax[extra]'`.
+
+  An installed module that fails to import (a broken installation, a missing
+  dependency of its own) raises its own error unchanged.
+  """
   try:
     return importlib.import_module(module)
-  except ImportError as e:
-    top = module.split('.')[0]
-    if getattr(e, 'name', None) not in (None, module, top) and not (
-        e.name or '').startswith(top):
-      raise  # the module exists but one of its own imports is broken
+  except ModuleNotFoundError as e:
+    if not e.name or not (module == e.name or module.startswith(e.name + '.')):
+      raise
     what = f' for {purpose}' if purpose else ''
     raise MissingExtraError(
-        f'{module} is not installed; it is needed{what}: '
+        f'{e.name} is not installed; it is needed{what}: '
         f"pip install 'mae_jax[{extra}]'") from None

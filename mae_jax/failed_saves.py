@@ -1,9 +1,11 @@
 """A failed checkpoint save (e.g. a full disk) ends the run with one message.
 
+SaveWatch notices the failure of an asynchronous save at the first update
+after it (CheckpointSaveError, naming the step and the older checkpoints).
 After one write of an async save fails, orbax, tensorstore, asyncio and
 tensorboardX each report the same failure again, some of them at
 interpreter exit, with tracebacks. The filters below drop those reports
-narrowly; the run reports the failure once (trainer.CheckpointSaveError).
+narrowly; the run reports the failure once (CheckpointSaveError).
 """
 import contextlib
 import errno
@@ -11,6 +13,76 @@ import logging
 import os
 import sys
 import threading
+
+from mae_jax.errors import CheckpointSaveError
+from mae_jax.monitor import shown
+
+
+def _save_failed(mngr, step, error):
+  steps = sorted(s for s in mngr.all_steps() if s != step)
+  return CheckpointSaveError(
+      f'saving checkpoint step {step} in {shown(mngr.directory)} failed: '
+      f'{type(error).__name__}: {error}; the older checkpoints '
+      f'{steps or "(none)"} are intact'.replace('\n', ' '))
+
+
+def save_step(mngr, step, args):
+  """mngr.save that names the step when it fails."""
+  try:
+    mngr.save(step, args=args)
+  except Exception as e:  # noqa: BLE001  (orbax wraps errors variously)
+    raise _save_failed(mngr, step, e) from e
+
+
+def finish_saves(mngr, step):
+  """Waits for the async save of `step`; failure: CheckpointSaveError."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    raise _save_failed(mngr, step, e) from e
+
+
+@contextlib.contextmanager
+def closing(mngr):
+  """Closes the checkpoint manager `mngr` on exit. When an error is already
+  leaving the block, a failure to close is dropped: the first error is the
+  one to report."""
+  try:
+    yield mngr
+  except BaseException:
+    try:
+      mngr.close()
+    except Exception:  # noqa: BLE001
+      pass
+    raise
+  mngr.close()
+
+
+class SaveWatch:
+  """Tracks the latest async save, so that its failure ends the run at the
+  next update instead of at the next save."""
+
+  def __init__(self, mngr):
+    self.mngr, self.step = mngr, None
+
+  def started(self, step):
+    """Call before starting the save of `step`: reports a failure of the
+    previous one (waiting for it if still in flight)."""
+    self.finish()
+    self.step = step
+
+  def poll(self):
+    """Without blocking: raises CheckpointSaveError if the save in flight
+    has failed; forgets it once it has succeeded."""
+    if self.step is not None and not self.mngr.is_saving_in_progress():
+      self.finish()
+
+  def finish(self):
+    """Waits for the save in flight; its failure: CheckpointSaveError."""
+    if self.step is not None:
+      step, self.step = self.step, None
+      finish_saves(self.mngr, step)
+
 
 
 class _NoOrbaxTracebacks(logging.Filter):

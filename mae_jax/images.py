@@ -2,24 +2,22 @@
 
 `load_image` gives a float32 (size, size, 3) array: RGB, shorter side resized
 to `size` (bicubic), center crop, ImageNet normalisation. Every unreadable
-input raises ImageError with a one-line message naming the file.
+input raises ImageError with a one-line message naming the file. Paths may
+be relative, absolute or object-store URIs (mae_jax.paths.resolve).
 """
 import os
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mae_jax import embedded
+from mae_jax import embedded, paths
+from mae_jax.errors import ImageError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff',
                     '.webp')
 DEFAULT_IMAGE = 'chelsea.png'  # the embedded photo used without --image
-
-
-class ImageError(ValueError):
-  """A user-facing problem with an image file or folder."""
 
 
 def default_image():
@@ -29,17 +27,19 @@ def default_image():
 
 
 def image_paths(path):
-  """[path] for a file; the sorted image files (by extension) of a folder."""
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise ImageError(f'{path}: no such image file or folder')
-  if not os.path.isdir(path):
-    return [path]
-  files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                 if f.lower().endswith(IMAGE_EXTENSIONS)
-                 and os.path.isfile(os.path.join(path, f)))
+  """[path] for a file; the sorted image files (by extension) of a folder,
+  each named as `path` joined with its file name."""
+  shown = os.fspath(path)
+  folder = paths.resolve(path)
+  if not folder.exists():
+    raise ImageError(f'{shown}: no such image file or folder')
+  if not folder.is_dir():
+    return [shown]
+  files = sorted(os.path.join(shown, f.name) for f in folder.iterdir()
+                 if f.name.lower().endswith(IMAGE_EXTENSIONS)
+                 and f.is_file())
   if not files:
-    raise ImageError(f'{path}: folder holds no image files '
+    raise ImageError(f'{shown}: folder holds no image files '
                      f'({", ".join(IMAGE_EXTENSIONS)})')
   return files
 
@@ -87,12 +87,13 @@ def load_image(path, size, warn=None):
   the model input).
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
+  file = paths.resolve(path)
+  if not file.exists():
     raise ImageError(f'{path}: no such image file')
-  if os.path.isdir(path):
+  if file.is_dir():
     raise ImageError(f'{path}: is a folder, not an image file')
   try:
-    with Image.open(path) as img:
+    with file.open('rb') as f, Image.open(f) as img:
       img.load()
       rgb = to_rgb(img)
   except UnidentifiedImageError:

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from mae_jax.models.scan_layout import is_stacked
+from mae_jax.errors import ConfigError
 from mae_jax.tree import map_with_name
 
 
@@ -31,10 +32,11 @@ def scaled_lr(blr, effective_batch):
 
 def warmup_cosine(peak_lr, warmup_steps, total_steps, min_lr=0.0):
   """Linear warmup from 0 over warmup_steps, then half-cycle cosine to min_lr
-  at total_steps (MAE_SPEC section 6), evaluated per update."""
+  at total_steps (He et al. 2021, appendix A.1, Table 8; `util/lr_sched.py`
+  of the official code), evaluated per update."""
   if total_steps <= warmup_steps:
-    raise ValueError(f'total steps {total_steps} must exceed warmup steps '
-                     f'{warmup_steps}')
+    raise ConfigError(f'total steps {total_steps} must exceed warmup steps '
+                      f'{warmup_steps}')
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
       decay_steps=total_steps, end_value=min_lr)
@@ -97,7 +99,8 @@ FINETUNE_NO_DECAY = (r'^pos_embed$', r'^cls_token$')
 
 def finetune_optimizer(schedule, weight_decay, params, depth, layer_decay,
                        b1=0.9, b2=0.999, clip_grad=None, accum_iter=1):
-  """AdamW with layer-wise lr decay (MAE_SPEC section 7): each parameter's
+  """AdamW with layer-wise lr decay (He et al. 2021, appendix A.1, Table 9;
+  `util/lr_decay.py` of the official code): each parameter's
   update, weight decay included, is scaled by its layer's lr scale. No decay
   for 1-D parameters, pos_embed and cls_token. Optional global-norm clipping
   of the gradient."""

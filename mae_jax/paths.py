@@ -9,6 +9,8 @@ import os
 
 from etils import epath
 
+from mae_jax.errors import ConfigError
+
 
 def is_uri(path):
   """True for object-store paths such as gs://bucket/dir."""
@@ -19,7 +21,7 @@ def resolve(path):
   """epath.Path of `path`: absolute for local paths, unchanged for URIs."""
   path = os.fspath(path)
   if not path:
-    raise ValueError('empty path')
+    raise ConfigError('empty path')
   if is_uri(path):
     return epath.Path(path)
   return epath.Path(os.path.abspath(os.path.expanduser(path)))

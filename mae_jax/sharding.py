@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from mae_jax.models.scan_layout import is_stacked
+from mae_jax.errors import ConfigError
 from mae_jax.tree import map_with_name
 
 AXES = ('data', 'fsdp')
@@ -31,20 +32,20 @@ def make_mesh(mesh_shape, devices=None):
   devices = jax.devices() if devices is None else devices
   shape = list(mesh_shape)
   if len(shape) != 2:
-    raise ValueError(f'mesh={tuple(mesh_shape)} must have two entries '
-                     '(data, fsdp)')
+    raise ConfigError(f'mesh={tuple(mesh_shape)} must have two entries '
+                      '(data, fsdp)')
   if shape.count(-1) > 1:
-    raise ValueError(f'mesh={tuple(mesh_shape)} may hold at most one -1')
+    raise ConfigError(f'mesh={tuple(mesh_shape)} may hold at most one -1')
   if -1 in shape:
     known = int(np.prod([s for s in shape if s != -1]))
     if len(devices) % known:
-      raise ValueError(f'mesh={tuple(mesh_shape)} does not divide the '
-                       f'{len(devices)} devices')
+      raise ConfigError(f'mesh={tuple(mesh_shape)} does not divide the '
+                        f'{len(devices)} devices')
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f'mesh={tuple(mesh_shape)} needs {int(np.prod(shape))} '
-                     f'devices but {len(devices)} are present; use -1 for '
-                     'one axis to take the rest')
+    raise ConfigError(f'mesh={tuple(mesh_shape)} needs {int(np.prod(shape))} '
+                      f'devices but {len(devices)} are present; use -1 for '
+                      'one axis to take the rest')
   return jax.make_mesh(tuple(shape), AXES, devices=devices,
                        axis_types=(AxisType.Auto,) * len(AXES))
 

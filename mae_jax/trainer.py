@@ -9,7 +9,6 @@ any process count and any accumulation split.
 import functools
 import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +17,13 @@ import optax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mae_jax import checkpoint, optim, sharding
+from mae_jax import checkpoint, optim, paths, sharding
 from mae_jax.config_check import (ConfigError, check_pretrain_config,
                                   check_resume)
-from mae_jax.failed_saves import quiet_failed_saves
-from mae_jax.models import create_model
-from mae_jax.monitor import Monitor, NonFiniteError
+from mae_jax.failed_saves import (  # CheckpointSaveError: for train.py
+    CheckpointSaveError, SaveWatch, closing, quiet_failed_saves, save_step)
+from mae_jax.models import create_model, model_input_shape
+from mae_jax.monitor import Monitor, NonFiniteError, mesh_text, shown
 from mae_jax.workdir import Preemption, WorkdirLock
 
 ITEMS = ('params', 'opt_state', 'model', 'meta')
@@ -97,32 +97,14 @@ def _skip_accumulated(old, new, ok, last):
           'opt_state': opt_state}, drop
 
 
-class CheckpointSaveError(OSError):
-  """Writing a checkpoint failed (e.g. a full disk); older ones are intact."""
-
-
-def _save_failed(mngr, step, error):
-  steps = sorted(s for s in mngr.all_steps() if s != step)
-  return CheckpointSaveError(
-      f'saving checkpoint step {step} in {mngr.directory} failed: '
-      f'{type(error).__name__}: {error}; the older checkpoints '
-      f'{steps or "(none)"} are intact'.replace('\n', ' '))
-
-
-def save_step(mngr, step, args):
-  """mngr.save that names the step when it fails."""
-  try:
-    mngr.save(step, args=args)
-  except Exception as e:  # noqa: BLE001  (orbax wraps errors variously)
-    raise _save_failed(mngr, step, e) from e
-
-
-def finish_saves(mngr, step):
-  """Waits for the async save of `step`; failure: CheckpointSaveError."""
-  try:
-    mngr.wait_until_finished()
-  except Exception as e:  # noqa: BLE001
-    raise _save_failed(mngr, step, e) from e
+def manager(directory, keep, item_names):
+  """Async manager of `directory`; unfinished (`*.orbax-checkpoint-tmp*`)
+  steps of a killed run are deleted on start and never read."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=True, create=True,
+      cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(directory, options=options,
+                               item_names=item_names)
 
 
 class Trainer:
@@ -131,7 +113,7 @@ class Trainer:
   def __init__(self, config, workdir, mesh=None):
     check_pretrain_config(config)
     self.config = config
-    self.workdir = workdir
+    self.workdir = paths.resolve(workdir)
     self.mesh = mesh or sharding.make_mesh(config.mesh)
     devices = self.mesh.devices.size
     if config.batch_size % devices:
@@ -139,7 +121,6 @@ class Trainer:
                         f'divisible by the {devices} devices of the mesh')
     self.model = build_model(config)
     self.length = self.model.num_patches
-    self.saving = None  # step of the latest async save started
 
   # -- state ---------------------------------------------------------------
 
@@ -167,7 +148,7 @@ class Trainer:
     """Fresh parameters and optimizer state, created sharded."""
     key = jax.random.key(self.config.seed)
     def init():
-      imgs = jnp.zeros((1, self.model.img_size, self.model.img_size, 3))
+      imgs = jnp.zeros((1, *model_input_shape(self.model)))
       noise = jnp.zeros((1, self.length))
       params = self.model.init({'params': key}, imgs, noise=noise)['params']
       return {'params': params, 'opt_state': self.tx.init(params)}
@@ -218,24 +199,17 @@ class Trainer:
   # -- checkpoints -----------------------------------------------------------
 
   def manager(self):
-    """Async manager; unfinished (`*.orbax-checkpoint-tmp*`) steps of a
-    killed run are deleted on start and never read."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=self.config.keep_checkpoints,
-        enable_async_checkpointing=True, create=True,
-        cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(os.path.join(self.workdir, 'checkpoints'),
-                                 options=options, item_names=ITEMS)
+    return manager(self.workdir / 'checkpoints',
+                   self.config.keep_checkpoints, ITEMS)
 
-  def save(self, mngr, step, state, skipped=0):
-    """Starts an async save of `step`; refuses non-finite parameters."""
+  def save(self, mngr, step, state, watch, skipped=0):
+    """Starts an async save of `step`; refuses non-finite parameters.
+    `watch` (SaveWatch) first reports a failure of the previous save."""
     if not bool(self.params_finite(state['params'])):
       raise NonFiniteError(
           f'parameters after update {step} are not finite; not saving them; '
           f'the last good checkpoint is step {mngr.latest_step()}')
-    if self.saving is not None:  # report a failed async save by its step
-      finish_saves(mngr, self.saving)
-    self.saving = step
+    watch.started(step)
     meta = {'step': step, 'skipped': skipped,
             'config': json.loads(self.config.to_json())}
     save_step(mngr, step, ocp.args.Composite(
@@ -250,18 +224,20 @@ class Trainer:
                               for x in jax.tree.leaves(params)]))
 
   def restore(self, mngr, step):
-    """(state, meta) of `step` on this trainer's mesh; a checkpoint of another
-    model or config is refused, naming the fields that differ."""
+    """(state, meta, overrides) of `step` on this trainer's mesh; a
+    checkpoint of another model or config is refused, naming the fields
+    that differ; `overrides` lists those config.resume_override allowed."""
     saved = mngr.restore(step, args=ocp.args.Composite(
         model=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    check_resume(self.config, saved['meta'].get('config', {}),
-                 checkpoint.model_description(self.model), saved['model'],
-                 f'{mngr.directory}/{step}')
+    overrides = check_resume(
+        self.config, saved['meta'].get('config', {}),
+        checkpoint.model_description(self.model), saved['model'],
+        shown(mngr.directory / str(step)))
     restored = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(self.abstract_state['params']),
         opt_state=ocp.args.StandardRestore(self.abstract_state['opt_state'])))
     state = {'params': restored['params'], 'opt_state': restored['opt_state']}
-    return state, saved['meta']
+    return state, saved['meta'], overrides
 
   # -- loop ------------------------------------------------------------------
 
@@ -276,15 +252,19 @@ class Trainer:
     return state, {k: reduce.get(k, jnp.mean)(jnp.stack([m[k] for m in metrics]))
                    for k in metrics[0]}
 
+  @functools.cached_property
+  def _apply(self):
+    """The model's forward pass, jitted once (for figures)."""
+    return jax.jit(functools.partial(self.model.apply,
+                                     mask_ratio=self.config.mask_ratio))
+
   def reconstruct(self, params, images, rows=8):
     """First `rows` images, predictions and masks of a global batch, with a
     fixed mask, gathered to every process as NumPy (for figures)."""
     noise = jax.random.uniform(jax.random.key(self.config.seed + 1),
                                (images.shape[0], self.length))
     noise = jax.device_put(noise, sharding.batch_sharding(self.mesh))
-    _, pred, mask = jax.jit(functools.partial(
-        self.model.apply, mask_ratio=self.config.mask_ratio))(
-            {'params': params}, images, noise=noise)
+    _, pred, mask = self._apply({'params': params}, images, noise=noise)
     out = multihost_utils.process_allgather((images, pred, mask), tiled=True)
     return tuple(np.asarray(x[:rows]) for x in out)
 
@@ -298,6 +278,7 @@ def train(config, workdir, mesh=None):
   from mae_jax.data import pipeline  # the only TensorFlow user
 
   trainer = Trainer(config, workdir, mesh)
+  workdir = trainer.workdir
   process, processes = jax.process_index(), jax.process_count()
   preemption = Preemption()  # from here on SIGTERM saves at a step boundary
   try:
@@ -305,17 +286,8 @@ def train(config, workdir, mesh=None):
       steps_per_epoch = pipeline.steps_per_epoch(
           config.data, config.batch_size * config.accum_iter, processes)
       trainer.setup(steps_per_epoch)
-      mngr = trainer.manager()
-      try:
-        state = _loop(trainer, mngr, pipeline, preemption)
-      except BaseException:
-        try:
-          mngr.close()
-        except Exception:  # noqa: BLE001  (the first error is the one to report)
-          pass
-        raise
-      mngr.close()
-      return state
+      with closing(trainer.manager()) as mngr:
+        return _loop(trainer, mngr, pipeline, preemption)
   finally:
     preemption.restore()
 
@@ -324,14 +296,20 @@ def _loop(trainer, mngr, pipeline, preemption):
   config, workdir = trainer.config, trainer.workdir
   process, processes = jax.process_index(), jax.process_count()
   start = mngr.latest_step()
+  overrides = []
   if start is None:
     state, start, skipped = trainer.init_state(), 0, 0
   else:
-    state, meta = trainer.restore(mngr, start)
+    state, meta, overrides = trainer.restore(mngr, start)
     skipped = meta.get('skipped', 0)
-  monitor = Monitor(workdir, trainer.total_steps, config, active=process == 0)
+  monitor = Monitor(workdir, trainer.total_steps, config,
+                    active=process == 0, start_step=start)
   monitor.note(f'{"resuming at" if start else "starting"} step {start}/'
-               f'{trainer.total_steps} in {workdir} on {trainer.mesh.shape}')
+               f'{trainer.total_steps} in {shown(workdir)} on mesh '
+               f'{mesh_text(trainer.mesh)}')
+  if overrides:
+    monitor.note('resuming with changed fields (config.resume_override): '
+                 + '; '.join(overrides))
   data = pipeline.make_iterator(
       config.data, config.batch_size, seed=config.seed,
       start_step=start * config.accum_iter, process_index=process,
@@ -342,6 +320,7 @@ def _loop(trainer, mngr, pipeline, preemption):
         config.data, config.batch_size, seed=config.seed, start_step=0,
         process_index=process, process_count=processes))['image'])
   pending = None   # (step, metrics) not yet checked, so the host never waits
+  watch = SaveWatch(mngr)
 
   def check():
     nonlocal pending, skipped
@@ -356,25 +335,30 @@ def _loop(trainer, mngr, pipeline, preemption):
       micro = [sharding.global_batch(trainer.mesh, next(data)['image'])
                for _ in range(config.accum_iter)]
       state, metrics = trainer.run_update(state, micro, step)
+      monitor.add(metrics)
+      if step == start:
+        monitor.started(step + 1)
       check()
       pending = (step, metrics)
+      watch.poll()
       done = step + 1
       if done % config.log_every_steps == 0 or done == trainer.total_steps:
-        monitor.log(done, jax.device_get(metrics), skipped)
+        monitor.log(done, skipped)
       stop = preemption.reached(done)
       if (done % config.checkpoint_every_steps == 0
           or done == trainer.total_steps or stop):
         check()
-        trainer.save(mngr, done, state, skipped)
+        trainer.save(mngr, done, state, watch, skipped)
       if fixed is not None and (done % config.figure_every_steps == 0
                                 or done == trainer.total_steps):
-        monitor.figure(done, *trainer.reconstruct(state['params'], fixed),
-                       trainer.model.patch_size, config.norm_pix_loss)
+        with monitor.paused():
+          monitor.figure(done, *trainer.reconstruct(state['params'], fixed),
+                         trainer.model.patch_size, config.norm_pix_loss)
       if stop:
-        finish_saves(mngr, done)
+        watch.finish()
         monitor.note(f'preempted (SIGTERM): saved step {done}/'
-                     f'{trainer.total_steps} in {mngr.directory}; run the '
-                     'same command to resume')
+                     f'{trainer.total_steps} in {shown(mngr.directory)}; '
+                     'run the same command to resume')
         if processes > 1:  # every process says where it stopped
           logging.getLogger('absl').warning(
               'process %d of %d: preempted, saved step %d', process,
@@ -382,11 +366,12 @@ def _loop(trainer, mngr, pipeline, preemption):
         break
     else:
       check()
-      finish_saves(mngr, trainer.saving)
+      watch.finish()
       monitor.note(
-          f'done: checkpoints in {mngr.directory}, metrics in '
-          f'{os.path.join(workdir, "metrics.jsonl")} and {workdir}/tb'
-          + (f', figures in {workdir}/figures' if fixed is not None else '')
+          f'done: checkpoints in {shown(mngr.directory)}, metrics in '
+          f'{shown(workdir / "metrics.jsonl")} and {shown(workdir / "tb")}'
+          + (f', figures in {shown(workdir / "figures")}'
+             if fixed is not None else '')
           + (f'; {skipped} non-finite updates skipped' if skipped else ''))
   finally:
     monitor.close()

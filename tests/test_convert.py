@@ -1,4 +1,5 @@
-"""torch <-> mae_jax conversion: round trips, fine-tuning init, bad inputs."""
+"""torch <-> mae_jax conversion: round trips, fine-tuning init, norm-pix
+setting, non-finite weights, bad inputs."""
 import importlib.util
 import os
 import pathlib
@@ -91,6 +92,7 @@ def test_training_checkpoint_roundtrip(tmp_path, capsys):
   for key in ('optimizer', 'epoch', 'scaler', 'args'):
     assert f'{key} (training state, not weights)' in printed
   assert "'norm_pix_loss': True" in printed  # taken from args
+  assert "norm_pix_loss: True (from the file's args)" in printed
   _assert_bit_exact(ckpt['model'], out)
 
 
@@ -260,3 +262,141 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path, tiny_mae, capsys):
                      *args[1:]]) == 2
     assert words in capsys.readouterr().err
     _assert_no_dst(tmp_path, tmp_path / 'dst')
+
+
+# ------------------------------------------------------------- norm-pix
+def test_norm_pix_switch_is_recorded_and_reported(tmp_path, tiny_mae, capsys):
+  src = torch_mae.save_pth(tmp_path / 'full.pth', tiny_mae.state_dict())
+  assert cli.main([str(src), str(tmp_path / 'on'), '--norm-pix-loss']) == 0
+  assert 'norm_pix_loss: True (from --norm-pix-loss)' in capsys.readouterr().out
+  model, _ = checkpoint.load(tmp_path / 'on')
+  assert model.norm_pix_loss is True
+  assert cli.main([str(src), str(tmp_path / 'off')]) == 0
+  assert ('norm_pix_loss: False (default; pass --norm-pix-loss if the weights '
+          'were trained with it)') in capsys.readouterr().out
+  assert checkpoint.load(tmp_path / 'off')[0].norm_pix_loss is False
+  assert cli.main([str(tmp_path / 'on'), str(tmp_path / 'on.pth'),
+                   '--to-torch']) == 0
+  assert 'norm_pix_loss: True (from the checkpoint; a state dict cannot hold ' \
+      'it: pass --norm-pix-loss' in capsys.readouterr().out
+
+
+def test_norm_pix_switch_overrides_the_files_args(tmp_path, capsys):
+  src = tmp_path / 'checkpoint-3.pth'
+  torch.save(torch_mae.training_checkpoint(torch_mae.make_mae(TINY)), src)
+  assert cli.main([str(src), str(tmp_path / 'dst'), '--no-norm-pix-loss']) == 0
+  assert ("norm_pix_loss: False (from --no-norm-pix-loss; the file's args say "
+          'True)') in capsys.readouterr().out
+  assert checkpoint.load(tmp_path / 'dst')[0].norm_pix_loss is False
+
+
+def test_norm_pix_switch_is_refused_for_classifiers_and_to_torch(
+    tmp_path, tiny_vit_gpool, tiny_mae, capsys):
+  vit = torch_mae.save_pth(tmp_path / 'vit.pth', tiny_vit_gpool.state_dict())
+  assert cli.main([str(vit), str(tmp_path / 'dst'), '--norm-pix-loss']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and len(err.strip().splitlines()) == 1
+  assert 'vit_tiny_patch8 is a classifier, which has no pixel loss' in err
+  _assert_no_dst(tmp_path, tmp_path / 'dst')
+  src = torch_mae.save_pth(tmp_path / 'full.pth', tiny_mae.state_dict())
+  convert.convert_file(src, tmp_path / 'mae')
+  assert cli.main([str(tmp_path / 'mae'), str(tmp_path / 'x.pth'),
+                   '--to-torch', '--no-norm-pix-loss']) == 2
+  assert ('--[no-]norm-pix-loss applies to torch -> mae_jax conversion only'
+          in capsys.readouterr().err)
+  assert not (tmp_path / 'x.pth').exists()
+
+
+# ------------------------------------------------------------- non-finite
+QKV = 'blocks.0.attn.qkv.weight'
+QKV_PATH = 'mae_jax blocks_0/attn/qkv/kernel: 1 NaN, 0 Inf of 110592 values'
+
+
+def _with_nan(state):
+  state = {k: v.clone() for k, v in state.items()}
+  state[QKV][3, 5] = float('nan')
+  return state
+
+
+def test_nonfinite_weight_is_refused_naming_the_tensor(tmp_path, tiny_mae):
+  src = torch_mae.save_pth(tmp_path / 'nan.pth',
+                           _with_nan(tiny_mae.state_dict()))
+  proc = _run_cli(src, tmp_path / 'dst')
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.count('\n') == 1 and proc.stderr.startswith('error: ')
+  assert f'non-finite weights in {QKV} ({QKV_PATH})' in proc.stderr
+  assert '--allow-nonfinite' in proc.stderr
+  _assert_no_dst(tmp_path, tmp_path / 'dst')
+
+
+def test_allow_nonfinite_converts_both_ways_with_warnings(tmp_path, tiny_mae,
+                                                          capsys):
+  src = torch_mae.save_pth(tmp_path / 'nan.pth',
+                           _with_nan(tiny_mae.state_dict()))
+  dst, out = tmp_path / 'dst', tmp_path / 'out.pth'
+  assert cli.main([str(src), str(dst), '--allow-nonfinite']) == 0
+  err = capsys.readouterr().err
+  assert err.startswith('warning: ') and f'{QKV} ({QKV_PATH})' in err
+  _, variables = checkpoint.load(dst)
+  kernel = variables['params']['blocks_0']['attn']['qkv']['kernel']
+  assert np.isnan(kernel[5, 3]) and np.isnan(kernel).sum() == 1
+  assert cli.main([str(dst), str(out), '--to-torch']) == 2  # refused back
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and f'{QKV} ({QKV_PATH})' in err
+  assert not out.exists()
+  assert cli.main([str(dst), str(out), '--to-torch', '--allow-nonfinite']) == 0
+  assert f'{QKV} ({QKV_PATH})' in capsys.readouterr().err
+  back = torch.load(out, weights_only=True)['model'][QKV]
+  assert torch.isnan(back[3, 5]) and int(torch.isnan(back).sum()) == 1
+
+
+def test_numpy_arrays_convert_like_torch_tensors(tiny_mae):
+  """What a .safetensors file read without torch gives: NumPy arrays."""
+  state = tiny_mae.state_dict()
+  _, from_np, _ = convert.from_torch({k: v.numpy() for k, v in state.items()})
+  _, from_torch, _ = convert.from_torch(dict(state))
+  jax.tree.map(np.testing.assert_array_equal, from_np, from_torch)
+
+
+def test_safetensors_converts_without_torch(tmp_path, tiny_mae,
+                                            tiny_vit_gpool):
+  mae_src, vit_src = tmp_path / 'mae.safetensors', tmp_path / 'vit.safetensors'
+  save_file(dict(tiny_mae.state_dict()), mae_src)
+  save_file({k: v.bfloat16() for k, v in tiny_vit_gpool.state_dict().items()},
+            vit_src)
+  code = (
+      "import sys; sys.modules['torch'] = None  # any torch import fails\n"
+      'from mae_jax import checkpoint, convert\n'
+      f'convert.convert_file({str(mae_src)!r}, {str(tmp_path / "mae")!r},\n'
+      '                      norm_pix_loss=True)\n'
+      f'convert.convert_file({str(vit_src)!r}, {str(tmp_path / "vit")!r})\n'
+      f'print(checkpoint.load({str(tmp_path / "mae")!r})[0].norm_pix_loss)\n')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, cwd=ROOT, check=False,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ['True']
+  _, variables = checkpoint.load(tmp_path / 'vit')
+  kernel = variables['params']['blocks_1']['mlp']['fc1']['kernel']
+  want = tiny_vit_gpool.blocks[1].mlp.fc1.weight.detach().bfloat16().float()
+  assert kernel.dtype == np.float32
+  np.testing.assert_array_equal(kernel, want.numpy().T)
+
+
+def test_to_torch_without_torch_is_one_line_naming_the_extra(tmp_path,
+                                                             tiny_mae):
+  src = torch_mae.save_pth(tmp_path / 'full.pth', tiny_mae.state_dict())
+  convert.convert_file(src, tmp_path / 'mae')
+  code = ("import sys; sys.modules['torch'] = None\n"
+          f'sys.path.insert(0, {str(ROOT)!r})\n'
+          'import convert_torch_weights as cli\n'
+          f'sys.exit(cli.main([{str(tmp_path / "mae")!r}, '
+          f'{str(tmp_path / "x.pth")!r}, "--to-torch"]))')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, cwd=ROOT, check=False,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip() == (
+      'error: torch is not installed; it is needed for writing .pth files: '
+      "pip install 'mae_jax[torch]'")
+  assert not (tmp_path / 'x.pth').exists()

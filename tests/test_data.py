@@ -280,3 +280,20 @@ def test_flip_rate_and_eval_transform():
   out = augment.eval_transform(np.full((300, 400, 3), 128, np.uint8), 224)
   assert out.shape == (224, 224, 3)
   np.testing.assert_allclose(_denormalize(out.numpy()), 128 / 255, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['pretrain', 'finetune', 'linprobe'])
+def test_documented_data_fields_are_config_fields_that_are_honoured(name):
+  import importlib
+  config = importlib.import_module(f'configs.{name}').get_config('tiny')
+  for field in ('shuffle_buffer', 'image_key', 'label_key', 'repeats'):
+    assert config.data[field] == pipeline._DEFAULTS[field], field
+  config.update_from_flattened_dict({'data.repeats': 2,
+                                     'data.shuffle_buffer': 16,
+                                     'data.image_key': 'photo'})
+  photos = len(sources.EMBEDDED_FILES)
+  assert pipeline.num_examples(config.data) == 2 * photos
+  tfds_cfg = dict(config.data.to_dict(), name='imagenet2012')
+  with tfds.testing.mock_data(num_examples=4):
+    with pytest.raises((KeyError, ValueError), match='photo'):  # it is read
+      next(pipeline.make_iterator(tfds_cfg, 4, seed=0))

@@ -19,10 +19,11 @@ def _loop_patchify(imgs, p):
   return out
 
 
-@pytest.mark.parametrize('p,size', [(4, 12), (8, 16)])
-def test_patchify_matches_explicit_loop(p, size):
-  imgs = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(
-      np.float32)
+@pytest.mark.parametrize('p,height,width,chans', [
+    (4, 12, 12, 3), (8, 16, 16, 3), (8, 16, 24, 1), (4, 12, 8, 2)])
+def test_patchify_matches_explicit_loop(p, height, width, chans):
+  imgs = np.random.default_rng(0).normal(
+      size=(2, height, width, chans)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(patchify(imgs, p)),
                                 _loop_patchify(imgs, p))
 
@@ -39,5 +40,9 @@ def test_non_square_grid_and_bad_sizes():
       np.float32)
   np.testing.assert_array_equal(
       np.asarray(unpatchify(patchify(imgs, 8), 8, grid=(2, 3))), imgs)
+  gray = imgs[..., :1]
+  np.testing.assert_array_equal(
+      np.asarray(unpatchify(patchify(gray, 8), 8, grid=(2, 3), channels=1)),
+      gray)
   with pytest.raises(ValueError, match='not divisible by patch_size=5'):
     patchify(imgs, 5)

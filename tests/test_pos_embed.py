@@ -42,3 +42,22 @@ def test_resize_keeps_cls_row_and_constant_grid():
   np.testing.assert_array_equal(out[0], 3.0)
   # Cubic weights sum to 1, so a constant grid stays constant.
   np.testing.assert_allclose(out[1:], 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize('old_grid,new_grid', [(4, (3, 5)), ((4, 6), (8, 3))])
+def test_resize_to_non_square_grid_matches_torch_bicubic(old_grid, new_grid):
+  import torch  # pylint: disable=import-outside-toplevel
+  old_h, old_w = (old_grid, old_grid) if isinstance(old_grid, int) else old_grid
+  table = np.random.default_rng(1).normal(
+      size=(1 + old_h * old_w, 8)).astype(np.float32)
+  out = resize_grid(table, new_grid, old_grid=old_grid)
+  grid = torch.from_numpy(table[1:].reshape(1, old_h, old_w, 8)).permute(
+      0, 3, 1, 2).double()
+  ref = torch.nn.functional.interpolate(grid, size=new_grid, mode='bicubic',
+                                        align_corners=False)
+  ref = ref.permute(0, 2, 3, 1).reshape(-1, 8).numpy()
+  assert out.shape == (1 + new_grid[0] * new_grid[1], 8)
+  np.testing.assert_array_equal(out[0], table[0])
+  np.testing.assert_allclose(out[1:], ref, rtol=0, atol=1e-5)
+  with pytest.raises(ValueError, match='not a 5x5 grid'):
+    resize_grid(table, new_grid, old_grid=5)

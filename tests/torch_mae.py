@@ -1,4 +1,5 @@
-"""PyTorch reference MAE written from MAE_SPEC.md, on timm's Block/PatchEmbed,
+"""PyTorch reference MAE written from the paper's description (He et al. 2021,
+arXiv:2111.06377) and the official key layout, on timm's Block/PatchEmbed,
 plus builders for every official checkpoint file kind (random weights).
 
 Key names are the official ones: cls_token, pos_embed, patch_embed.proj,

@@ -1,5 +1,5 @@
 """Per-example transforms in TensorFlow: decode, the three training recipes
-(MAE_SPEC sections 6-8) and the eval resize + center crop.
+(He et al. 2021, appendix A.1, Tables 8-10) and the eval resize + center crop.
 
   'pretrain': RandomResizedCrop(scale 0.2-1) + flip + normalise.
   'finetune': RandomResizedCrop(scale 0.08-1) + flip + RandAugment
@@ -17,6 +17,7 @@ import math
 import tensorflow as tf
 
 from mae_jax.data import randaugment
+from mae_jax.errors import ConfigError
 
 MEAN_RGB = (0.485, 0.456, 0.406)  # ImageNet statistics of [0, 1] pixels
 STD_RGB = (0.229, 0.224, 0.225)
@@ -289,8 +290,8 @@ def get_train_transform(name):
   transforms = dict(pretrain=train_transform, finetune=finetune_transform,
                     linprobe=linprobe_transform)
   if name not in transforms:
-    raise ValueError(f'unknown data.augment={name!r}; allowed: '
-                     f'{", ".join(map(repr, TRAIN_AUGMENTS))}')
+    raise ConfigError(f'unknown data.augment={name!r}; allowed: '
+                      f'{", ".join(map(repr, TRAIN_AUGMENTS))}')
   return transforms[name]
 
 

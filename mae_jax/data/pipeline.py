@@ -12,7 +12,8 @@ own tfds.even_splits share through a shuffle buffer seeded from (seed, e).
 Unusable TFDS records are handled per batch, without changing the batches
 of a resumed iterator or the epoch length: see mae_jax.data.records.
 
-`data_cfg` (a dict, ConfigDict or any object with attributes) fields:
+`data_cfg` (a dict, ConfigDict or any object with attributes; the configs'
+`config.data`, which holds every field below) fields:
   name: 'embedded' | 'folder' | a TFDS dataset name (e.g. 'imagenet2012').
   image_size: output height = width, in pixels.
   data_dir (None): image folder root ('folder') or TFDS data_dir.
@@ -37,6 +38,7 @@ import math
 import tensorflow as tf
 
 from mae_jax.data import augment, records, sources
+from mae_jax.errors import ConfigError
 
 _DEFAULTS = dict(data_dir=None, split='train', repeats=None,
                  shuffle_buffer=10_000, image_key='image', label_key='label',
@@ -56,13 +58,13 @@ def _field(data_cfg, name):
     return value
   if name in _DEFAULTS:
     return _DEFAULTS[name]
-  raise ValueError(f'data config lacks the required field {name!r}')
+  raise ConfigError(f'data config lacks the required field {name!r}')
 
 
 def _local_batch(global_batch_size, process_count):
   if global_batch_size % process_count:
-    raise ValueError(f'global batch size {global_batch_size} is not divisible '
-                     f'by the process count {process_count}')
+    raise ConfigError(f'global batch size {global_batch_size} is not divisible '
+                      f'by the process count {process_count}')
   return global_batch_size // process_count
 
 
@@ -110,8 +112,8 @@ def _train_steps(src, global_batch_size, process_count):
     steps = src[1] // local
   if steps == 0:
     where = 'the split' if isinstance(src, sources.IndexedSource) else 'a share'
-    raise ValueError(f'global batch size {global_batch_size} leaves no full '
-                     f'batch in the {_size(src)} examples of {where}')
+    raise ConfigError(f'global batch size {global_batch_size} leaves no full '
+                      f'batch in the {_size(src)} examples of {where}')
   return steps
 
 

@@ -19,6 +19,7 @@ import tensorflow as tf
 from absl import logging
 
 from mae_jax.data import augment
+from mae_jax.errors import DataError
 
 _AUTOTUNE = tf.data.AUTOTUNE
 # Status of a record (read_checked).
@@ -187,15 +188,15 @@ def reported(batches, on_error, max_pixels, train, where):
     bad = [(ids[i].decode(errors='replace'), _reason(status[i], max_pixels))
            for i in np.flatnonzero(status != OK)]
     if bad and on_error == 'fail':
-      raise ValueError(f'TFDS record {bad[0][0]} of {where}: unusable image '
-                       f"({bad[0][1]}); set config.data.on_error='skip' to "
-                       'skip such records')
+      raise DataError(f'TFDS record {bad[0][0]} of {where}: unusable image '
+                      f"({bad[0][1]}); set config.data.on_error='skip' to "
+                      'skip such records')
     for name, reason in bad:
       skipped += 1
       logging.warning('skipping TFDS record %s of %s: %s; %d skipped so far '
                       "(config.data.on_error='skip')", name, where, reason,
                       skipped)
     if train and bad and len(bad) == len(status):
-      raise ValueError(f'all {len(bad)} records of a batch of {where} are '
-                       f'unusable ({", ".join(n for n, _ in bad[:3])}, ...)')
+      raise DataError(f'all {len(bad)} records of a batch of {where} are '
+                      f'unusable ({", ".join(n for n, _ in bad[:3])}, ...)')
     yield batch

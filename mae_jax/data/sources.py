@@ -26,8 +26,11 @@ from absl import logging
 
 import tensorflow as tf
 
+from mae_jax import extras
+from mae_jax import paths as paths_lib
 from mae_jax.data import augment
 from mae_jax.embedded import EMBEDDED_FILES, embedded_paths
+from mae_jax.errors import ConfigError, DataError
 
 MIN_EMBEDDED_EPOCH = 256  # default repeats make an epoch at least this long
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
@@ -86,8 +89,8 @@ def embedded_split(split):
 
 def _check_embedded_split(split):
   if split not in EMBEDDED_SPLITS:
-    raise ValueError(f'unknown split {split!r} of the embedded photos; '
-                     f'choose one of {", ".join(EMBEDDED_SPLITS)}')
+    raise ConfigError(f'unknown split {split!r} of the embedded photos; '
+                      f'choose one of {", ".join(EMBEDDED_SPLITS)}')
 
 
 def embedded_boxes(height, width, split):
@@ -136,7 +139,7 @@ def embedded(repeats=None, split=None):
   if repeats is None:
     repeats = math.ceil(MIN_EMBEDDED_EPOCH / (n * per_photo))
   if repeats < 1:
-    raise ValueError(f'data.repeats must be >= 1, got {repeats}')
+    raise ConfigError(f'data.repeats must be >= 1, got {repeats}')
   shapes, sizes, starts, pixels = _embedded_pixels()
 
   def load(index):
@@ -179,7 +182,7 @@ def _folder_files(root, on_error, max_pixels):
   classes = sorted(c.rstrip('/') for c in tf.io.gfile.listdir(root)
                    if tf.io.gfile.isdir(tf.io.gfile.join(root, c)))
   if not classes:
-    raise ValueError(f'image folder {root!r} has no class sub-directories')
+    raise DataError(f'image folder {root!r} has no class sub-directories')
   paths, labels = [], []
   for label, name in enumerate(classes):
     class_dir = tf.io.gfile.join(root, name)
@@ -188,16 +191,16 @@ def _folder_files(root, on_error, max_pixels):
         paths.append(tf.io.gfile.join(class_dir, f.rstrip('/')))
         labels.append(label)
   if not paths:
-    raise ValueError(f'image folder {root!r} holds no files ending in '
-                     f'{", ".join(IMAGE_EXTENSIONS)} in its class directories')
+    raise DataError(f'image folder {root!r} holds no files ending in '
+                    f'{", ".join(IMAGE_EXTENSIONS)} in its class directories')
   workers = min(32, 2 * (os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     reasons = list(pool.map(functools.partial(check_image,
                                               max_pixels=max_pixels), paths))
   bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
   if bad and on_error == 'fail':
-    raise ValueError(f'{bad[0][0]}: unusable image ({bad[0][1]}); remove it '
-                     "or set config.data.on_error='skip'")
+    raise DataError(f'{bad[0][0]}: unusable image ({bad[0][1]}); remove it '
+                    "or set config.data.on_error='skip'")
   for path, reason in bad:
     logging.warning('skipping image %s: %s', path, reason)
   if bad:
@@ -205,8 +208,8 @@ def _folder_files(root, on_error, max_pixels):
                     "(config.data.on_error='skip')", len(bad), len(paths), root)
   keep = [i for i, r in enumerate(reasons) if r is None]
   if not keep:
-    raise ValueError(f'image folder {root!r}: none of its {len(paths)} image '
-                     'files is readable')
+    raise DataError(f'image folder {root!r}: none of its {len(paths)} image '
+                    'files is readable')
   return (tuple(paths[i] for i in keep), tuple(labels[i] for i in keep),
           tuple(classes))
 
@@ -216,12 +219,12 @@ def folder(data_dir, split, on_error='skip', max_pixels=MAX_PIXELS):
 
   Labels are the index of CLASS among the sorted class directories; examples
   are the usable files sorted by (class, file name). `on_error` ('skip' |
-  'fail') decides what an unusable file does. Works on any tf.io.gfile path
-  (gs://...).
+  'fail') decides what an unusable file does. `data_dir` may be relative
+  (to the current directory), absolute or any tf.io.gfile URI (gs://...).
   """
   if not data_dir:
-    raise ValueError("data.data_dir must be set for data.name='folder'")
-  root = tf.io.gfile.join(data_dir, split)
+    raise ConfigError("data.data_dir must be set for data.name='folder'")
+  root = tf.io.gfile.join(os.fspath(paths_lib.resolve(data_dir)), split)
   if not tf.io.gfile.isdir(root):
     raise FileNotFoundError(
         f'image folder {root!r} does not exist '
@@ -240,13 +243,15 @@ def folder(data_dir, split, on_error='skip', max_pixels=MAX_PIXELS):
 
 
 def tfds_builder(name, data_dir):
-  """tfds builder by name; an unknown name is a ValueError naming it."""
-  import tensorflow_datasets as tfds  # slow to import; only needed here
+  """tfds builder by name; an unknown name is a ConfigError naming it."""
+  tfds = extras.require('tensorflow_datasets', 'data', 'tfds datasets')
+  if data_dir:
+    data_dir = os.fspath(paths_lib.resolve(data_dir))
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as e:
-    raise ValueError(f"unknown dataset data.name={name!r}: not 'embedded', "
-                     "'folder' nor a TFDS dataset") from e
+    raise ConfigError(f"unknown dataset data.name={name!r}: not 'embedded', "
+                      "'folder' nor a TFDS dataset") from e
 
 
 def tfds_share(builder, split, process_index, process_count, *,
@@ -259,7 +264,7 @@ def tfds_share(builder, split, process_index, process_count, *,
   practice, and the tfds_id names a record in the log. The bytes are not
   checked here: the pipeline handles records that do not decode.
   """
-  import tensorflow_datasets as tfds
+  tfds = extras.require('tensorflow_datasets', 'data', 'tfds datasets')
   share = tfds.even_splits(split, n=process_count,
                            drop_remainder=drop_remainder)[process_index]
   ds = builder.as_dataset(
@@ -268,7 +273,7 @@ def tfds_share(builder, split, process_index, process_count, *,
       read_config=tfds.ReadConfig(add_tfds_id=True))
   size = int(ds.cardinality())
   if size < 0:
-    raise ValueError(f'size of {builder.name} split {share} is unknown')
+    raise DataError(f'size of {builder.name} split {share} is unknown')
 
   def unpack(ex):
     uid = tf.strings.to_hash_bucket_fast(ex['tfds_id'], 2**62)

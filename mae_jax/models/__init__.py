@@ -1,4 +1,5 @@
 """Pure Flax modules: no file I/O, no TensorFlow."""
+from mae_jax.models.geometry import model_input_shape, token_map
 from mae_jax.models.mae import MAE_CONFIGS, MaskedAutoencoder
 from mae_jax.models.scan_layout import (stack_blocks, to_layout,
                                        unstack_blocks)

@@ -4,6 +4,7 @@ All linear layers: Xavier-uniform weights, zero bias; LayerNorm eps 1e-6;
 exact (erf) GELU. `dtype` is the compute dtype, `param_dtype` the storage one.
 """
 import functools
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -220,3 +221,45 @@ def scan_block_class(remat, length):
   return nn.scan(body, variable_axes={'params': 0},
                  split_rngs={'params': True, 'dropout': True},
                  in_axes=0, length=length)
+
+
+def layer_indices(indices, depth):
+  """A sequence of block indices, negative ones counting from the end ->
+  ints in [0, depth), in the order given. Indices are static Python ints."""
+  if not isinstance(indices, (list, tuple)):
+    raise ValueError(f'layers={indices!r} must be a list or tuple of block '
+                     'indices')
+  out = []
+  for i in indices:
+    if (not isinstance(i, numbers.Integral) or isinstance(i, bool)
+        or not -depth <= i < depth):
+      raise ValueError(f'layer index {i!r} is not a block index: a Python '
+                       f'int in [-{depth}, {depth})')
+    out.append(int(i) % depth)
+  return out
+
+
+def plain_block(owner, num_heads):
+  """An unbound, deterministic Block with the compute settings of the
+  module `owner` (mlp_ratio, attention_impl, dtype, param_dtype)."""
+  return Block(num_heads, mlp_ratio=owner.mlp_ratio,
+               attention_impl=owner.attention_impl, dtype=owner.dtype,
+               param_dtype=owner.param_dtype, parent=None)
+
+
+def scanned_block_outputs(stack, x, block, depth):
+  """Runs the bound stack of `depth` blocks `stack` (built by
+  `scan_block_class`) deterministically, keeping every block's output.
+
+  `block` is an unbound Block with the stack's fields (`plain_block`); it is
+  applied to each layer's slice of the stacked params in a lax.scan, so the
+  depth is not unrolled. Returns (x, outputs) with outputs (depth, N, T, D),
+  outputs[i] the output of block i.
+  """
+  if stack.is_initializing():  # creates the stacked params
+    stack(x, jnp.zeros((depth,), jnp.float32))
+
+  def body(h, params):
+    h = block.apply({'params': params}, h)
+    return h, h
+  return jax.lax.scan(body, x, stack.variables['params'])

@@ -5,12 +5,15 @@ the reference (p, q, c) layout so they compare element for element with the
 PyTorch release.
 """
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from mae_jax.models import layers
+from mae_jax.models.geometry import (grid_hw, model_input_shape,
+                                     normalize_img_size)
+from mae_jax.models.layers import layer_indices, plain_block
 from mae_jax.models.masking import (draw_noise, gather_tokens,
                                     masking_indices, random_masking)
 from mae_jax.models.patches import patchify
@@ -47,14 +50,31 @@ def _run_blocks(blocks, x, depth, scanned):
   return x
 
 
+def _run_blocks_keeping(blocks, x, depth, scanned, wanted, plain):
+  """`_run_blocks` that also returns the outputs of the blocks `wanted`
+  (indices in [0, depth)): (x, [outputs]). `plain` is an unbound Block with
+  the stack's fields, run over the stacked params when scanned."""
+  if scanned:
+    x, every = layers.scanned_block_outputs(blocks, x, plain, depth)
+    return x, [every[i] for i in wanted]
+  every = []
+  for blk in blocks:
+    x = blk(x, True)
+    every.append(x)
+  return x, [every[i] for i in wanted]
+
+
 class MaskedAutoencoder(nn.Module):
   """MAE with a ViT encoder that sees only visible patches.
 
   `__call__(imgs, mask_ratio, noise)` returns (loss, pred, mask) with
-  imgs (N, H, W, 3), pred (N, L, p*p*3), mask (N, L). Without `noise`, noise
-  is drawn from the 'mask' RNG stream.
+  imgs (N, H, W, C), pred (N, L, p*p*C), mask (N, L), L = gh*gw patches of
+  the gh x gw grid in raster order. Without `noise`, noise is drawn from the
+  'mask' RNG stream. `img_size` is an int (square) or an (H, W) pair (a list
+  is taken as a tuple); C is `in_chans`. `features` gives the unmasked
+  encoder's tokens.
   """
-  img_size: int = 224
+  img_size: Union[int, Sequence[int]] = 224
   patch_size: int = 16
   in_chans: int = 3
   embed_dim: int = 1024
@@ -78,18 +98,22 @@ class MaskedAutoencoder(nn.Module):
   # patch-embedding FLOPs at mask ratio 0.75.
   fuse_patch_gather: bool = True
 
+  def __post_init__(self):
+    self.img_size = normalize_img_size(self.img_size)
+    super().__post_init__()
+
   @property
   def grid_size(self):
-    return self.img_size // self.patch_size
+    """(gh, gw): patch rows and columns."""
+    return grid_hw(self.img_size, self.patch_size)
 
   @property
   def num_patches(self):
-    return self.grid_size ** 2
+    gh, gw = self.grid_size
+    return gh * gw
 
   def setup(self):
-    if self.img_size % self.patch_size:
-      raise ValueError(f'img_size={self.img_size} is not divisible by '
-                       f'patch_size={self.patch_size}')
+    _ = self.grid_size  # raises when img_size is not divisible by the patch
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     block = functools.partial(layers.block_class(self.remat),
                               mlp_ratio=self.mlp_ratio,
@@ -124,7 +148,7 @@ class MaskedAutoencoder(nn.Module):
         self.patch_size ** 2 * self.in_chans, **kw)
 
   def _check_images(self, imgs):
-    expected = (self.img_size, self.img_size, self.in_chans)
+    expected = model_input_shape(self)
     if imgs.ndim != 4 or tuple(imgs.shape[1:]) != expected:
       raise ValueError(f'images of shape {tuple(imgs.shape)} do not match the '
                        f'model input (N, {expected[0]}, {expected[1]}, '
@@ -155,6 +179,32 @@ class MaskedAutoencoder(nn.Module):
     x = _run_blocks(self.blocks, x, self.depth, self.scan_blocks)
     return self.norm(x), mask, ids_restore
 
+  def features(self, imgs, layers=None):  # pylint: disable=redefined-outer-name
+    """Encoder tokens of the whole image, nothing masked or shuffled.
+
+    imgs (N, H, W, C) -> tokens (N, 1 + gh*gw, D): the cls token first, then
+    the patch tokens in raster order (`mae_jax.models.token_map` makes the
+    (N, gh, gw, D) map), after the final LayerNorm `norm`. Needs no RNG.
+    With `layers`, a sequence of block indices (negative ones count from
+    the end), returns (tokens, outputs): outputs[k] is the (N, 1 + gh*gw, D)
+    output of block layers[k], before any norm, so the last block's output
+    is `tokens` before `norm`.
+    """
+    self._check_images(imgs)
+    pos = sincos_2d(self.embed_dim, self.grid_size).astype(self.dtype)
+    x = self.patch_embed(imgs) + pos[1:]
+    cls = self.cls_token.astype(self.dtype) + pos[:1]
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])),
+                         x], axis=1)
+    if layers is None:
+      x = _run_blocks(self.blocks, x, self.depth, self.scan_blocks)
+      return self.norm(x)
+    wanted = layer_indices(layers, self.depth)
+    x, outputs = _run_blocks_keeping(self.blocks, x, self.depth,
+                                     self.scan_blocks, wanted,
+                                     plain_block(self, self.num_heads))
+    return self.norm(x), outputs
+
   def decode(self, latent, ids_restore):
     """latent (N, 1 + len_keep, D), ids_restore (N, L) -> pred (N, L, p*p*C)."""
     x = self.decoder_embed(latent)
@@ -182,7 +232,8 @@ class MaskedAutoencoder(nn.Module):
     return self.loss(imgs, pred, mask), pred, mask
 
 
-# Sizes of the official release (MAE_SPEC section 1) plus a tiny one for tests.
+# Sizes of the official release (`models_mae.py` of facebookresearch/mae)
+# plus a tiny one for tests.
 MAE_CONFIGS = {
     'mae_vit_tiny_patch8': dict(
         img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3,

@@ -15,16 +15,27 @@ def sincos_1d(dim, positions):
   return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def sincos_2d(dim, grid_size, cls_token=True):
-  """Table of shape (1 + g*g, dim) (or (g*g, dim) without cls_token).
+def _grid_pair(grid_size):
+  """int g -> (g, g); an (gh, gw) pair -> itself as a tuple of ints."""
+  if isinstance(grid_size, (tuple, list)):
+    gh, gw = grid_size
+    return int(gh), int(gw)
+  return int(grid_size), int(grid_size)
 
-  Row-major positions; the first dim/2 channels encode the column (x) index,
-  the last dim/2 the row (y) index; the cls row is zero.
+
+def sincos_2d(dim, grid_size, cls_token=True):
+  """Table of shape (1 + gh*gw, dim) (or (gh*gw, dim) without cls_token).
+
+  grid_size is g (a g x g grid) or (gh, gw): gh rows, gw columns. Positions
+  run in raster (row-major) order. As in the official MAE code, the first
+  dim/2 channels encode the column (x, width) index 0..gw-1 and the last
+  dim/2 the row (y, height) index 0..gh-1; each half is [sin, cos] of the
+  coordinate times dim/4 frequencies. The cls row is zero.
   """
   if dim % 4:
     raise ValueError(f'2D sin-cos width {dim} must be a multiple of 4')
-  rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size),
-                           indexing='ij')
+  gh, gw = _grid_pair(grid_size)
+  rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing='ij')
   table = np.concatenate(
       [sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
   if cls_token:
@@ -52,22 +63,31 @@ def _cubic_weights(in_size, out_size, a=-0.75):
   return weights
 
 
-def resize_grid(table, new_grid, num_extra_tokens=1):
-  """Resamples a (extra + g*g, D) position table to a new_grid x new_grid grid.
+def resize_grid(table, new_grid, num_extra_tokens=1, old_grid=None):
+  """Resamples a (extra + gh*gw, D) position table to the grid `new_grid`
+  (g or (gh, gw)); the old grid is `old_grid` (g or (gh, gw)), by default the
+  square one the row count gives.
 
   The extra (cls) rows are kept unchanged; the grid part is resampled
   bicubically (align_corners=False), matching torch.nn.functional.interpolate.
   """
   table = np.asarray(table)
   extra, grid_part = table[:num_extra_tokens], table[num_extra_tokens:]
-  old_grid = int(round(grid_part.shape[0] ** 0.5))
-  if old_grid * old_grid != grid_part.shape[0]:
+  if old_grid is None:
+    side = int(round(grid_part.shape[0] ** 0.5))
+    if side * side != grid_part.shape[0]:
+      raise ValueError(f'position table with {grid_part.shape[0]} grid rows '
+                       'is not a square grid; pass old_grid=(gh, gw)')
+    old_grid = side
+  old_h, old_w = _grid_pair(old_grid)
+  new_h, new_w = _grid_pair(new_grid)
+  if old_h * old_w != grid_part.shape[0]:
     raise ValueError(f'position table with {grid_part.shape[0]} grid rows is '
-                     'not a square grid')
-  if old_grid == new_grid:
+                     f'not a {old_h}x{old_w} grid')
+  if (old_h, old_w) == (new_h, new_w):
     return table.copy()
-  w = _cubic_weights(old_grid, new_grid)
-  grid = grid_part.reshape(old_grid, old_grid, -1).astype(np.float64)
-  grid = np.einsum('ai,ijd,bj->abd', w, grid, w)
-  grid = grid.reshape(new_grid * new_grid, -1).astype(table.dtype)
+  grid = grid_part.reshape(old_h, old_w, -1).astype(np.float64)
+  grid = np.einsum('ai,ijd,bj->abd', _cubic_weights(old_h, new_h), grid,
+                   _cubic_weights(old_w, new_w))
+  grid = grid.reshape(new_h * new_w, -1).astype(table.dtype)
   return np.concatenate([extra, grid], axis=0)

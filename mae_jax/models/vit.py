@@ -1,19 +1,22 @@
 """ViT classifier on the MAE encoder, for fine-tuning and linear probing.
 
-(N, H, W, 3) normalised images -> (N, num_classes) logits. With global_pool
-the patch tokens (cls excluded) are averaged and passed through `fc_norm`;
-otherwise the cls token goes through `norm`. With linear_probe the head is
+(N, H, W, C) normalised images -> (N, num_classes) logits; `img_size` is an
+int (square) or an (H, W) pair, C is `in_chans`. With global_pool the patch
+tokens (cls excluded) are averaged and passed through `fc_norm`; otherwise
+the cls token goes through `norm`. `features` gives the token sequence. With linear_probe the head is
 BatchNorm without affine (eps 1e-6, state in 'batch_stats') + linear. Parameter names follow the
 encoder of `MaskedAutoencoder`, so pretrained weights load by name.
 """
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
 from mae_jax.models import layers
+from mae_jax.models.geometry import (grid_hw, model_input_shape,
+                                     normalize_img_size)
 from mae_jax.models.pos_embed import sincos_2d
 
 
@@ -22,8 +25,9 @@ class VisionTransformer(nn.Module):
   from 0 to `drop_path_rate`; it needs a 'dropout' RNG when train=True.
   With scan_blocks the per-block rates enter the scan as an array."""
   num_classes: int = 1000
-  img_size: int = 224
+  img_size: Union[int, Sequence[int]] = 224
   patch_size: int = 16
+  in_chans: int = 3
   embed_dim: int = 768
   depth: int = 12
   num_heads: int = 12
@@ -39,19 +43,52 @@ class VisionTransformer(nn.Module):
   # axis; see mae_jax.models.scan_layout); per-block rates are scanned.
   scan_blocks: bool = False
 
+  def __post_init__(self):
+    self.img_size = normalize_img_size(self.img_size)
+    super().__post_init__()
+
   @property
   def grid_size(self):
-    return self.img_size // self.patch_size
+    """(gh, gw): patch rows and columns."""
+    return grid_hw(self.img_size, self.patch_size)
 
-  @nn.compact
+  @property
+  def num_patches(self):
+    gh, gw = self.grid_size
+    return gh * gw
+
   def __call__(self, imgs, train=False, return_features=False):
     """Logits (N, num_classes), or pooled features (N, D) if return_features."""
-    if self.img_size % self.patch_size:
-      raise ValueError(f'img_size={self.img_size} is not divisible by '
-                       f'patch_size={self.patch_size}')
-    if tuple(imgs.shape[1:3]) != (self.img_size, self.img_size):
+    return self._forward(imgs, train, 'pooled' if return_features else
+                         'logits', None)
+
+  def features(self, imgs, layers=None):  # pylint: disable=redefined-outer-name
+    """Token sequence of the encoder (deterministic: no stochastic depth).
+
+    imgs (N, H, W, C) -> tokens (N, 1 + gh*gw, D): the cls token first, then
+    the patch tokens in raster order (`mae_jax.models.token_map` makes the
+    (N, gh, gw, D) map). As timm's `forward_features`: after the final
+    LayerNorm `norm` for a cls-token model (global_pool=False); with
+    global_pool (fc_norm after pooling, no `norm`) the blocks' output as it
+    is. With `layers`, a sequence of block indices (negative ones count from
+    the end), returns (tokens, outputs): outputs[k] is the (N, 1 + gh*gw, D)
+    output of block layers[k], before any norm.
+    """
+    return self._forward(imgs, False, 'tokens', layers)
+
+  def _check_images(self, imgs):
+    expected = model_input_shape(self)
+    if imgs.ndim != 4 or tuple(imgs.shape[1:]) != expected:
       raise ValueError(f'images of shape {tuple(imgs.shape)} do not match '
-                       f'img_size={self.img_size} (NHWC)')
+                       f'img_size={self.img_size} with in_chans='
+                       f'{self.in_chans} (expected (N, {expected[0]}, '
+                       f'{expected[1]}, {expected[2]}), NHWC)')
+
+  @nn.compact
+  def _forward(self, imgs, train, output, keep):
+    """output: 'logits', 'pooled' or 'tokens'; keep: block indices whose
+    outputs are returned beside the tokens, or None."""
+    self._check_images(imgs)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = layers.PatchEmbed(self.patch_size, self.embed_dim, name='patch_embed',
                           **kw)(imgs)
@@ -66,22 +103,35 @@ class VisionTransformer(nn.Module):
         [jnp.broadcast_to(cls.astype(x.dtype), (n, 1, self.embed_dim)), x],
         axis=1) + pos.astype(x.dtype)
     rates = np.linspace(0, self.drop_path_rate, self.depth)
+    wanted = None if keep is None else layers.layer_indices(keep, self.depth)
     if self.scan_blocks:
-      x, _ = layers.scan_block_class(self.remat, self.depth)(
+      stack = layers.scan_block_class(self.remat, self.depth)(
           self.num_heads, self.mlp_ratio, self.drop_path_rate,
           attention_impl=self.attention_impl, deterministic=not train,
-          name='blocks', **kw)(x, jnp.asarray(rates, jnp.float32))
+          name='blocks', **kw)
+      if wanted is None:
+        x, _ = stack(x, jnp.asarray(rates, jnp.float32))
+      else:  # deterministic: `keep` comes only from `features`
+        x, every = layers.scanned_block_outputs(
+            stack, x, layers.plain_block(self, self.num_heads), self.depth)
     else:
+      every = []
       for i in range(self.depth):  # deterministic positional: static (remat)
         x = layers.block_class(self.remat)(
             self.num_heads, self.mlp_ratio, float(rates[i]),
             attention_impl=self.attention_impl,
             name=f'blocks_{i}', **kw)(x, not train)
+        every.append(x)
+    kept = None if wanted is None else [every[i] for i in wanted]
+    if output == 'tokens':
+      if not self.global_pool:
+        x = layers.LayerNorm(name='norm', **kw)(x)
+      return x if keep is None else (x, kept)
     if self.global_pool:
       x = layers.LayerNorm(name='fc_norm', **kw)(jnp.mean(x[:, 1:], axis=1))
     else:
       x = layers.LayerNorm(name='norm', **kw)(x)[:, 0]
-    if return_features:
+    if output == 'pooled':
       return x
     std = 2e-5
     if self.linear_probe:
