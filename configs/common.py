@@ -1,6 +1,8 @@
 """Fields shared by the fine-tuning and linear-probing configs."""
 import ml_collections
 
+from mae_jax.config_check import IMAGENET_MEAN, IMAGENET_STD
+
 SIZES = ('tiny', 'base', 'large', 'huge')
 MODELS = {'tiny': 'vit_tiny_patch8', 'base': 'vit_base_patch16',
           'large': 'vit_large_patch16', 'huge': 'vit_huge_patch14'}
@@ -42,7 +44,11 @@ def classifier_config(task, variant, recipe):
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
   c.data.split = 'train'
   c.data.eval_split = v['eval_split']
-  c.data.image_size = v['image_size']
+  c.data.image_size = ml_collections.FieldReference(  # int or (H, W):
+      v['image_size'], field_type=object)  # --config.data.image_size=(64,48)
+  c.data.channels = 3                # 3: RGB; 1: grayscale (PIL 'L')
+  c.data.mean = IMAGENET_MEAN        # per channel, of [0, 1] pixels:
+  c.data.std = IMAGENET_STD          # --config.data.mean=(0.5,) for 1 channel
   c.data.augment = v['augment']
   c.data.on_error = 'skip'           # unreadable image files: 'skip' | 'fail'
   c.data.max_pixels = 89_478_485     # larger images are skipped (PIL's limit)

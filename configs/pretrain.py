@@ -7,6 +7,8 @@ official code's main_pretrain.py).
 """
 import ml_collections
 
+from mae_jax.config_check import IMAGENET_MEAN, IMAGENET_STD
+
 VARIANTS = {
     'tiny': dict(model='mae_vit_tiny_patch8', image_size=64, dataset='embedded',
                  batch_size=32, epochs=0, total_steps=600, warmup_epochs=0,
@@ -48,7 +50,11 @@ def get_config(arg='tiny'):
   c.data.name = v['dataset']         # 'embedded', 'folder' or a tfds name
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
   c.data.split = 'train'
-  c.data.image_size = v['image_size']
+  c.data.image_size = ml_collections.FieldReference(  # int or (H, W):
+      v['image_size'], field_type=object)  # --config.data.image_size=(64,48)
+  c.data.channels = 3                # 3: RGB; 1: grayscale (PIL 'L')
+  c.data.mean = IMAGENET_MEAN        # per channel, of [0, 1] pixels:
+  c.data.std = IMAGENET_STD          # --config.data.mean=(0.5,) for 1 channel
   c.data.on_error = 'skip'           # unreadable image files: 'skip' | 'fail'
   c.data.max_pixels = 89_478_485     # larger images are skipped (PIL's limit)
   c.data.shuffle_buffer = 10_000     # TFDS examples in the shuffle buffer

@@ -15,6 +15,9 @@ layout, True the stacked 'blocks' layout of nn.scan. `load(path,
 scan_blocks=...)` converts to the layout asked for, so any checkpoint loads
 into either kind of model; see mae_jax.models.scan_layout.
 
+Input geometry: `load(path, img_size=..., in_chans=...)` gives the model at
+another image size or channel count (see `to_geometry`).
+
 Paths: every function takes a str or path-like, relative (to the current
 directory) or absolute, or an object-store URI such as gs://bucket/ckpt
 (mae_jax.paths.resolve); error messages name the path as it was given.
@@ -30,6 +33,7 @@ from flax import traverse_util
 from mae_jax import paths
 from mae_jax.models import (MaskedAutoencoder, VisionTransformer,
                             model_input_shape, to_layout)
+from mae_jax.models.pos_embed import resize_grid
 from mae_jax.torch_io import CheckpointError
 
 MODEL_CLASSES = {cls.__name__: cls
@@ -133,7 +137,7 @@ def is_checkpoint(path):
              for d in root.iterdir())
 
 
-def load(path, step=None, **overrides):
+def load(path, step=None, adapt_in_chans=False, **overrides):
   """Restores (model, {'params': tree of NumPy arrays}) from `path`.
 
   `path` is an orbax root written by `save` or a training workdir whose
@@ -141,12 +145,17 @@ def load(path, step=None, **overrides):
   Overrides (e.g. dtype=jnp.bfloat16) go to the module constructor;
   scan_blocks=True/False also converts the parameters to that block layout
   (the default is the layout the checkpoint was written in).
+  img_size= and in_chans= give the model at another input geometry; the
+  parameters follow as `to_geometry` describes (another channel count only
+  with adapt_in_chans=True).
   """
   root = _root(path)
   path = os.fspath(path)
   if not is_checkpoint(root):
     raise CheckpointError(f'{path}: not a mae_jax checkpoint (no step '
                           'directory with a "model" item)')
+  geometry = {k: overrides.pop(k) for k in ('img_size', 'in_chans')
+              if k in overrides}
   options = ocp.CheckpointManagerOptions(create=False)
   with ocp.CheckpointManager(root, options=options,
                              item_names=('params', 'model')) as mngr:
@@ -169,11 +178,81 @@ def load(path, step=None, **overrides):
       raise CheckpointError(f'{path}: parameters do not match '
                             f'{description["class"]}: {e}') from None
   _check_shapes(path, expected, params)
+  if geometry:
+    try:
+      target = model.clone(**geometry)
+      _ = target.grid_size
+    except ValueError as e:
+      raise CheckpointError(f'{path}: {e}') from None
+    params = to_geometry(params, model, target, adapt_in_chans, path)
+    model = target
+    _check_shapes(path, abstract_params(model), params)
   scan = bool(overrides.get('scan_blocks', stored_scan))
   if scan != stored_scan:
     params = to_layout(params, scan)
     model = model.clone(scan_blocks=scan)
   return model, {'params': params}
+
+
+# -------------------------------------------------------- input geometry
+def adapt_patch_kernel(kernel, in_chans):
+  """(p, p, C0, D) patch-embedding kernel -> (p, p, in_chans, D).
+
+  To 1 channel the kernel is summed over its input channels (a gray image
+  repeated to C0 channels gives the same embedding); to other counts it is
+  repeated cyclically over the channels and scaled by C0 / in_chans.
+  """
+  kernel = np.asarray(kernel)
+  have = kernel.shape[2]
+  if in_chans == have:
+    return kernel
+  if in_chans == 1:
+    return kernel.sum(axis=2, keepdims=True)
+  picks = np.arange(in_chans) % have
+  return (kernel[:, :, picks] * (have / in_chans)).astype(kernel.dtype)
+
+
+def fit_patch_kernel(kernel, in_chans, adapt, source):
+  """`adapt_patch_kernel` when `adapt`; a channel mismatch otherwise is a
+  CheckpointError naming in_chans."""
+  have = np.shape(kernel)[2]
+  if have == in_chans:
+    return kernel
+  if not adapt:
+    raise CheckpointError(
+        f'{source}: the patch embedding takes {have} channels, not '
+        f'in_chans={in_chans}; ask for adapt_in_chans=True (convert_torch_'
+        'weights.py --in-chans) to sum or repeat its kernel over channels')
+  return adapt_patch_kernel(kernel, in_chans)
+
+
+def to_geometry(params, stored, model, adapt_in_chans=False,
+                source='<params>'):
+  """Params of `stored` -> params of `model`, the same module at another
+  img_size / in_chans (either block layout, unchanged).
+
+  A learned pos_embed (the ViT's) is resampled bicubically from the stored
+  grid to the new one (align_corners=False, cls row kept); the MAE's fixed
+  sin-cos tables are not parameters and follow the grid by themselves. The
+  patch-embedding kernel of another channel count is refused unless
+  `adapt_in_chans` (see `adapt_patch_kernel`); an MAE's decoder_pred, which
+  predicts p*p*in_chans values, cannot be adapted.
+  """
+  flat = dict(traverse_util.flatten_dict(params))
+  if stored.in_chans != model.in_chans:
+    if isinstance(model, MaskedAutoencoder):
+      raise CheckpointError(
+          f'{source}: the MAE predicts {stored.in_chans}-channel patches; '
+          f'its decoder_pred cannot be adapted to in_chans={model.in_chans} '
+          '(load or convert the encoder as a ViT classifier instead)')
+    key = ('patch_embed', 'kernel')
+    flat[key] = fit_patch_kernel(flat[key], model.in_chans, adapt_in_chans,
+                                 source)
+  if ('pos_embed',) in flat and stored.grid_size != model.grid_size:
+    flat[('pos_embed',)] = resize_grid(
+        np.asarray(flat[('pos_embed',)])[0], model.grid_size,
+        old_grid=stored.grid_size)[None]
+  return traverse_util.unflatten_dict(flat)
 
 
 def _check_shapes(path, expected, params):

@@ -35,6 +35,7 @@ def build_model(config, num_classes):
   probe = config.task == 'linprobe'
   return create_model(
       config.model, num_classes=num_classes, img_size=config.data.image_size,
+      in_chans=config.data.get('channels', 3),
       global_pool=config.global_pool, linear_probe=probe,
       drop_path_rate=0.0 if probe else config.drop_path,
       dtype=jnp.dtype(config.dtype),
@@ -68,9 +69,11 @@ def load_pretrained(init_from, model, rng):
   else:
     from mae_jax.torch_io import read_state_dict
     state, extras = read_state_dict(source)
-    if convert.detect(state, source).kind.startswith('classifier'):
+    if convert.detect(state, source, model.img_size).kind.startswith(
+        'classifier'):
       _, params, _ = convert.from_torch(state, None, extras, source,
-                                        scan_blocks=model.scan_blocks)
+                                        scan_blocks=model.scan_blocks,
+                                        img_size=model.img_size)
       if fits(params):
         return params, WHOLE
   fresh = 'head and fc_norm' if model.global_pool else 'head'

@@ -4,9 +4,12 @@ the config its checkpoint was written with.
 Each error is one line naming the field, the bad value and what is allowed.
 """
 import json
+import math
+import numbers
 
 from mae_jax.errors import ConfigError
 from mae_jax.models import MAE_CONFIGS, VIT_CONFIGS
+from mae_jax.models.geometry import image_hw, normalize_img_size
 
 KNOWN_DTYPES = ('float32', 'bfloat16')
 LOCAL_SOURCES = ('embedded', 'folder')
@@ -26,6 +29,41 @@ NOT_TRAJECTORY = ('log_every_steps', 'checkpoint_every_steps',
 # Saved model fields that mirror a NOT_TRAJECTORY config field.
 _MODEL_NOT_TRAJECTORY = ('fuse_patch_gather',)
 ATTENTION = ('default', 'xla', 'cudnn', 'chunked')
+CHANNELS = (1, 3)  # image files decode to grayscale or RGB
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # data.mean / data.std defaults
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_image_fields(image_size, channels=3, mean=IMAGENET_MEAN,
+                       std=IMAGENET_STD):
+  """Checks data.image_size (an int or an (H, W) pair), data.channels and
+  the per-channel data.mean / data.std; returns ((H, W), channels, mean,
+  std) with mean / std as tuples of floats. Raises ConfigError naming the
+  first bad field."""
+  try:
+    hw = image_hw(image_size)
+  except ValueError:
+    raise ConfigError(f'config.data.image_size={image_size!r} must be a '
+                      'positive int or an (H, W) pair of them, e.g. '
+                      '--config.data.image_size=(64,48)') from None
+  if channels not in CHANNELS or isinstance(channels, bool):
+    raise ConfigError(f'config.data.channels={channels!r} is not supported: '
+                      'images decode to 1 (grayscale) or 3 (RGB) channels')
+  stats = {}
+  for name, value in (('mean', mean), ('std', std)):
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    example = ','.join(['0.5'] * channels) + (',' if channels == 1 else '')
+    if (len(values) != channels or not all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool)
+        and math.isfinite(v) for v in values)):
+      raise ConfigError(f'config.data.{name}={value!r} must hold '
+                        f'config.data.channels={channels} finite numbers, one '
+                        f'per channel, e.g. --config.data.{name}='
+                        f'({example})')
+    stats[name] = tuple(float(v) for v in values)
+  if not all(v > 0 for v in stats['std']):
+    raise ConfigError(f'config.data.std={std!r} must be positive')
+  return hw, channels, stats['mean'], stats['std']
 
 
 def check_pretrain_config(config):
@@ -63,9 +101,13 @@ def _check_common(config, registry):
                       f'{", ".join(registry)}')
   patch = registry[config.model]['patch_size']
   size = config.data.image_size
-  if size <= 0 or size % patch:
-    raise ConfigError(f'config.data.image_size={size} is not a positive '
-                      f'multiple of the patch size {patch} of {config.model}')
+  hw, _, _, _ = check_image_fields(
+      size, *(config.data.get(k, d) for k, d in (
+          ('channels', 3), ('mean', IMAGENET_MEAN), ('std', IMAGENET_STD))))
+  if any(side % patch for side in hw):
+    raise ConfigError(f'config.data.image_size={normalize_img_size(size)!r} '
+                      f'is not a multiple of the patch size {patch} of '
+                      f'{config.model}')
   if config.dtype not in KNOWN_DTYPES:
     raise ConfigError(f'config.dtype={config.dtype!r} is unknown; allowed: '
                       f'{", ".join(KNOWN_DTYPES)}')

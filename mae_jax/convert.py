@@ -2,9 +2,16 @@
 
 Key names, tensor layouts and file-kind detection are in
 mae_jax.torch_layout. The MAE's pos_embed and decoder_pos_embed are fixed
-sin-cos tables: checked on the way in, rebuilt on the way out. Every conversion is strict: any missing, unexpected or
-mis-shaped key is an error that names them all, and so is a NaN or Inf
-in any weight unless `allow_nonfinite` keeps it (with a warning).
+sin-cos tables: checked on the way in, rebuilt on the way out. Every
+conversion is strict: any missing, unexpected or mis-shaped key is an error
+that names them all, and so is a NaN or Inf in any weight unless
+`allow_nonfinite` keeps it (with a warning).
+
+Input geometry: a file's in_chans comes from its patch-embedding kernel and
+its grid from pos_embed (a non-square grid needs img_size=(H, W)). Asking
+for another img_size recomputes the MAE's fixed tables and resamples a
+learned pos_embed bicubically; another in_chans adapts the patch-embedding
+kernel (mae_jax.checkpoint.to_geometry).
 
 Inputs may be torch tensors or NumPy arrays (a .safetensors file read without
 torch); only the .pth side of a conversion needs torch.
@@ -62,10 +69,9 @@ def _refuse_nonfinite(source, bad, allow, warn):
 
 
 # ------------------------------------------------------------ torch -> flax
-def _check_sincos(source, name, tensor):
+def _check_sincos(source, name, tensor, grid_size):
   table = as_numpy(tensor).astype(np.float32).reshape(tensor.shape[-2:])
-  grid = int(round((table.shape[0] - 1) ** 0.5))
-  err = float(np.max(np.abs(table - sincos_2d(table.shape[1], grid))))
+  err = float(np.max(np.abs(table - sincos_2d(table.shape[1], grid_size))))
   if not err <= SINCOS_ATOL:  # also catches NaN
     raise CheckpointError(
         f'{source}: {name} is not the fixed 2D sin-cos table (max abs diff '
@@ -106,7 +112,7 @@ def mae_from_torch(state_dict, model, source='<state dict>',
     raise _missing_decoder(source)
   check_keys(source, state_dict, expected)
   for name in FIXED_TABLES:
-    _check_sincos(source, name, state_dict.pop(name))
+    _check_sincos(source, name, state_dict.pop(name), model.grid_size)
   flat = _pop_to_flax(state_dict, list(state_dict), source, allow_nonfinite,
                       warn)
   skipped = [f'{n} (fixed sin-cos table, matches the formula within '
@@ -124,10 +130,14 @@ def _fresh_params(model, rng, wanted):
   return {p: np.asarray(v) for p, v in jax.jit(init)(rng).items()}
 
 
-def classifier_from_encoder(flat, model, rng, source='<state dict>'):
+def classifier_from_encoder(flat, model, rng, source='<state dict>',
+                            old_grid=None, adapt_in_chans=False):
   """Fine-tuning init: encoder params (flat Flax dict, pos_embed as
   (1, 1+L, D)) -> classifier params with fresh head (and fc_norm when
-  global_pool); pos_embed is resampled bicubically to the model's grid.
+  global_pool); pos_embed is resampled bicubically from `old_grid` ((gh, gw);
+  by default the square grid its L gives) to the model's grid, and a
+  patch-embedding kernel of another channel count is adapted when
+  `adapt_in_chans` (mae_jax.checkpoint.adapt_patch_kernel).
 
   Returns (params, fresh, skipped): names initialised fresh and source
   entries not used. `flat` is unrolled; params are in the model's layout.
@@ -145,7 +155,10 @@ def classifier_from_encoder(flat, model, rng, source='<state dict>'):
       continue
     value = np.asarray(flat[path])
     if path == ('pos_embed',) and value.shape != leaf.shape:
-      value = resize_grid(value[0], model.grid_size)[None]
+      value = resize_grid(value[0], model.grid_size, old_grid=old_grid)[None]
+    if path == ('patch_embed', 'kernel') and value.ndim == 4:
+      value = checkpoint.fit_patch_kernel(value, model.in_chans,
+                                          adapt_in_chans, source)
     if value.shape != tuple(leaf.shape):
       wrong.append(f'{to_torch_key(path)} {value.shape} '
                    f'(expected {tuple(leaf.shape)})')
@@ -163,31 +176,36 @@ def classifier_from_encoder(flat, model, rng, source='<state dict>'):
 
 
 def _flat_encoder(path_or_state, source):
-  """Encoder weights as a flat Flax dict (unrolled blocks) with pos_embed
-  (1, 1+L, D)."""
+  """(encoder weights as a flat Flax dict (unrolled blocks) with pos_embed
+  (1, 1+L, D), their (gh, gw) grid or None when only L is known)."""
   if isinstance(path_or_state, (str, os.PathLike)):
     if paths.resolve(path_or_state).is_dir():
       model, variables = checkpoint.load(path_or_state, scan_blocks=False)
       flat = traverse_util.flatten_dict(variables['params'])
       if isinstance(model, MaskedAutoencoder):
         flat[('pos_embed',)] = sincos_2d(model.embed_dim, model.grid_size)[None]
-      return flat
+      return flat, model.grid_size
     state, _ = read_state_dict(path_or_state)
   else:
     state = dict(path_or_state.get('params', path_or_state))
     if not any('.' in k for k in state):  # a Flax params tree
-      return traverse_util.flatten_dict(unstack_blocks(state))
-  return _pop_to_flax(dict(state), list(state), source)
+      return traverse_util.flatten_dict(unstack_blocks(state)), None
+  return _pop_to_flax(dict(state), list(state), source), None
 
 
-def init_classifier_from(path_or_state, model, rng):
+def init_classifier_from(path_or_state, model, rng, old_grid=None,
+                         adapt_in_chans=False):
   """{'params': ...} for the classifier `model`, its encoder filled from
   pretrained weights (.pth/.safetensors path, mae_jax checkpoint dir, torch
-  state dict or Flax params tree) and its head/fc_norm freshly initialised."""
+  state dict or Flax params tree) and its head/fc_norm freshly initialised.
+  `old_grid` is the (gh, gw) grid of a non-square torch file or Flax tree (a
+  checkpoint dir knows its own); `adapt_in_chans` as in
+  `classifier_from_encoder`."""
   source = (os.fspath(path_or_state)
             if isinstance(path_or_state, (str, os.PathLike)) else '<weights>')
+  flat, grid = _flat_encoder(path_or_state, source)
   params, _, _ = classifier_from_encoder(
-      _flat_encoder(path_or_state, source), model, rng, source)
+      flat, model, rng, source, grid or old_grid, adapt_in_chans)
   return {'params': params}
 
 
@@ -214,23 +232,27 @@ def norm_pix_setting(norm_pix_loss=None, extras=None):
 
 def from_torch(state_dict, model_name=None, extras=None, source='<weights>',
                rng=None, scan_blocks=False, norm_pix_loss=None,
-               allow_nonfinite=False, warn=None):
+               allow_nonfinite=False, warn=None, img_size=None,
+               in_chans=None):
   """torch state dict -> (model, params, report lines). Consumes state_dict.
 
   The model is `model_name` (registry name) or detected from the keys; with
-  scan_blocks it is the nn.scan variant and its params are stacked. An MAE's
+  scan_blocks it is the nn.scan variant and its params are stacked. Its
+  geometry is the file's unless `img_size` (int or (H, W)) or `in_chans`
+  (adapting the patch-embedding kernel) say otherwise. An MAE's
   norm_pix_loss comes from `norm_pix_setting(norm_pix_loss, extras)`; a
   classifier has no pixel loss, so passing norm_pix_loss for one is an error.
   Non-finite weights are refused unless `allow_nonfinite` (then `warn`ed).
   """
   extras = extras or {}
-  found = detect(state_dict, source)
+  found = detect(state_dict, source, img_size)
   if model_name is None:
     prefix = 'vit_' if found.kind.startswith('classifier') else 'mae_vit_'
     model_name = prefix + found.size
   report = [f'source kind: {found.kind} (size {found.size})']
   if model_name in MAE_CONFIGS:
-    overrides = {k: v for k, v in found.overrides.items() if k == 'img_size'}
+    overrides = {k: v for k, v in found.overrides.items()
+                 if k in ('img_size', 'in_chans')}
     overrides['norm_pix_loss'], where = norm_pix_setting(norm_pix_loss, extras)
     report.append(f'norm_pix_loss: {overrides["norm_pix_loss"]} ({where})')
   elif model_name in VIT_CONFIGS:
@@ -242,22 +264,29 @@ def from_torch(state_dict, model_name=None, extras=None, source='<weights>',
   else:
     raise CheckpointError(f'unknown model name {model_name!r}; known names: '
                           + ', '.join(sorted(MAE_CONFIGS) + sorted(VIT_CONFIGS)))
-  model = create_model(model_name, **overrides, scan_blocks=scan_blocks)
+  stored = create_model(model_name, **overrides)
+  model, lines = _target_model(stored, img_size, in_chans, source)
+  report += lines
   nonfinite = dict(source=source, allow_nonfinite=allow_nonfinite, warn=warn)
   if isinstance(model, MaskedAutoencoder):
     if found.kind != 'mae':
       raise _missing_decoder(source)
-    params, skipped = mae_from_torch(state_dict, model, **nonfinite)
+    params, skipped = mae_from_torch(state_dict, stored, **nonfinite)
+    params = checkpoint.to_geometry(params, stored, model, True, source)
   elif found.kind.startswith('classifier'):
-    check_keys(source, state_dict, torch_shapes(model))
+    check_keys(source, state_dict, torch_shapes(stored))
     params = traverse_util.unflatten_dict(
         _pop_to_flax(state_dict, list(state_dict), **nonfinite))
+    params = checkpoint.to_geometry(params, stored, model, True, source)
     skipped = []
   else:
     rng = jax.random.key(0) if rng is None else rng
     flat = _pop_to_flax(state_dict, list(state_dict), **nonfinite)
-    params, fresh, skipped = classifier_from_encoder(flat, model, rng, source)
+    old_grid = stored.grid_size if 'img_size' in found.overrides else None
+    params, fresh, skipped = classifier_from_encoder(
+        flat, model.clone(scan_blocks=False), rng, source, old_grid, True)
     report.append('initialised fresh (fine-tuning init): ' + ', '.join(fresh))
+  model = model.clone(scan_blocks=scan_blocks)
   params = to_layout(params, scan_blocks)
   skipped += [f'{k} (training state, not weights)' for k in extras
               if k in TRAINING_KEYS]
@@ -270,6 +299,31 @@ def from_torch(state_dict, model_name=None, extras=None, source='<weights>',
   return model, params, report
 
 
+def _target_model(stored, img_size, in_chans, source):
+  """(model at the asked geometry, report lines) from the file's model."""
+  changes = {}
+  if img_size is not None:
+    changes['img_size'] = img_size
+  if in_chans is not None and in_chans != stored.in_chans:
+    changes['in_chans'] = in_chans
+  try:
+    model = stored.clone(**changes)
+    grid = model.grid_size
+  except ValueError as e:
+    raise CheckpointError(f'{source}: {e}') from None
+  lines = []
+  if grid != stored.grid_size:
+    how = ('fixed sin-cos tables recomputed'
+           if isinstance(stored, MaskedAutoencoder)
+           else 'pos_embed resampled bicubically')
+    lines.append(f'grid: {"x".join(map(str, stored.grid_size))} patches in '
+                 f'the file -> {"x".join(map(str, grid))} ({how})')
+  if model.in_chans != stored.in_chans:
+    lines.append(f'in_chans: {stored.in_chans} in the file -> '
+                 f'{model.in_chans} (patch-embedding kernel adapted)')
+  return model, lines
+
+
 def _refuse_existing(dst):
   if paths.resolve(dst).exists():
     raise CheckpointError(f'{os.fspath(dst)}: already exists; remove it or '
@@ -277,7 +331,8 @@ def _refuse_existing(dst):
 
 
 def convert_file(src, dst, model_name=None, norm_pix_loss=None,
-                 allow_nonfinite=False, warn=None):
+                 allow_nonfinite=False, warn=None, img_size=None,
+                 in_chans=None):
   """Converts a .pth/.pt/.safetensors file into the mae_jax directory `dst`
   (options as in `from_torch`).
 
@@ -287,7 +342,8 @@ def convert_file(src, dst, model_name=None, norm_pix_loss=None,
   state_dict, extras = read_state_dict(src)
   model, params, report = from_torch(
       state_dict, model_name, extras, os.fspath(src),
-      norm_pix_loss=norm_pix_loss, allow_nonfinite=allow_nonfinite, warn=warn)
+      norm_pix_loss=norm_pix_loss, allow_nonfinite=allow_nonfinite,
+      warn=warn, img_size=img_size, in_chans=in_chans)
   checkpoint.save(dst, model, {'params': params})
   return report
 

@@ -1,20 +1,24 @@
 """Image files -> model inputs, with PIL (no TensorFlow).
 
-`load_image` gives a float32 (size, size, 3) array: RGB, shorter side resized
-to `size` (bicubic), center crop, ImageNet normalisation. Every unreadable
-input raises ImageError with a one-line message naming the file. Paths may
-be relative, absolute or object-store URIs (mae_jax.paths.resolve).
+`load_image` gives a float32 (H, W, C) array: resized (bicubic, aspect
+kept) to the smallest size that covers `size` (an int S is (S, S): the
+shorter side becomes S), center crop, per-channel normalisation (default
+ImageNet RGB; one mean/std value: grayscale, PIL's 'L' conversion).
+Every unreadable input raises ImageError with a one-line message naming the
+file. Paths may be relative, absolute or object-store URIs
+(mae_jax.paths.resolve).
 """
 import os
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mae_jax import embedded, paths
+from mae_jax import config_check, embedded, paths
 from mae_jax.errors import ImageError
+from mae_jax.models.geometry import image_hw
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGENET_MEAN = np.array(config_check.IMAGENET_MEAN, np.float32)
+IMAGENET_STD = np.array(config_check.IMAGENET_STD, np.float32)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff',
                     '.webp')
 DEFAULT_IMAGE = 'chelsea.png'  # the embedded photo used without --image
@@ -62,26 +66,31 @@ def to_rgb(img):
 
 
 def resize_crop(img, size):
-  """Shorter side to `size` (bicubic), then the central size x size crop.
+  """Resize (bicubic, aspect kept) so that (H, W) = image_hw(size) just
+  fits (an int size: the shorter side becomes size), then the central
+  H x W crop.
 
-  Returns (image, upscaled) where upscaled says the shorter side was smaller
-  than `size`.
+  Returns (image, upscaled) where upscaled says the image was enlarged.
   """
+  out_h, out_w = image_hw(size)
   width, height = img.size
-  scale = size / min(width, height)
-  new = (max(size, round(width * scale)), max(size, round(height * scale)))
+  scale = max(out_h / height, out_w / width)
+  new = (max(out_w, round(width * scale)), max(out_h, round(height * scale)))
   img = img.resize(new, Image.BICUBIC)
-  left, top = (new[0] - size) // 2, (new[1] - size) // 2
-  return img.crop((left, top, left + size, top + size)), scale > 1
+  left, top = (new[0] - out_w) // 2, (new[1] - out_h) // 2
+  return img.crop((left, top, left + out_w, top + out_h)), scale > 1
 
 
-def normalize(rgb):
-  """uint8 (..., 3) -> float32 ImageNet-normalised."""
-  return (np.asarray(rgb, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+def normalize(pixels, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+  """uint8 (..., C) -> float32 normalised per channel (mean, std: C values
+  each, statistics of [0, 1] pixels)."""
+  return ((np.asarray(pixels, np.float32) / 255.0
+           - np.asarray(mean, np.float32)) / np.asarray(std, np.float32))
 
 
-def load_image(path, size, warn=None):
-  """File -> float32 (size, size, 3), ImageNet-normalised.
+def load_image(path, size, warn=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+  """File -> float32 (H, W, C) normalised with mean / std; C = len(mean):
+  3 is RGB, 1 grayscale (PIL 'L').
 
   `warn(message)` is called when the image had to be upscaled (smaller than
   the model input).
@@ -104,11 +113,16 @@ def load_image(path, size, warn=None):
     raise ImageError(f'{path}: image has no pixels ({rgb.size[0]}x'
                      f'{rgb.size[1]})')
   original = rgb.size
-  rgb, upscaled = resize_crop(rgb, size)
+  if len(mean) == 1:  # grayscale before resizing, as mae_jax.data does
+    rgb = rgb.convert('L')
+  img, upscaled = resize_crop(rgb, size)
   if upscaled and warn is not None:
+    height, width = image_hw(size)
     warn(f'{path}: {original[0]}x{original[1]} is smaller than the model '
-         f'input {size}x{size}; upscaled (bicubic)')
-  return normalize(rgb)
+         f'input {width}x{height}; upscaled (bicubic)')
+  pixels = np.asarray(img)
+  return normalize(pixels[..., None] if pixels.ndim == 2 else pixels, mean,
+                   std)
 
 
 def resolve(path):
@@ -117,7 +131,9 @@ def resolve(path):
   return [default_image()] if path is None else image_paths(path)
 
 
-def load_images(paths, size, warn=None):
-  """(names, float32 (N, size, size, 3)) for a list of image files."""
-  arrays = [load_image(p, size, warn) for p in paths]
+def load_images(paths, size, warn=None, mean=IMAGENET_MEAN,
+                std=IMAGENET_STD):
+  """(names, float32 (N, H, W, C)) for a list of image files (see
+  load_image)."""
+  arrays = [load_image(p, size, warn, mean, std) for p in paths]
   return [os.path.basename(p) for p in paths], np.stack(arrays)

@@ -215,16 +215,19 @@ class Monitor:
     self.jsonl.write(json.dumps(_json_value(record), allow_nan=False) + '\n')
     self.jsonl.flush()
 
-  def figure(self, step, imgs, pred, mask, patch_size, norm_pix_loss):
+  def figure(self, step, imgs, pred, mask, patch_size, norm_pix_loss,
+             mean=None, std=None):
     """Writes the reconstruction figure as WORKDIR/figures/step_N.png and
-    as a TensorBoard image; returns the path."""
+    as a TensorBoard image; returns the path. mean / std: the per-channel
+    statistics the images were normalised with."""
     if not self.active:
       return None
     from PIL import Image
     from mae_jax.visualize import save_reconstruction_figure
     png = io.BytesIO()
     save_reconstruction_figure(png, imgs, pred, mask, patch_size,
-                               norm_pix_loss, title=f'step {step}')
+                               norm_pix_loss, title=f'step {step}',
+                               mean=mean, std=std)
     path = self.workdir / 'figures' / f'step_{step:07d}.png'
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png.getvalue())

@@ -18,6 +18,7 @@ from flax import traverse_util
 
 from mae_jax import checkpoint, extras
 from mae_jax.models import MAE_CONFIGS, MaskedAutoencoder, unstack_blocks
+from mae_jax.models.geometry import grid_hw, normalize_img_size
 from mae_jax.torch_io import CheckpointError
 
 _BLOCK = re.compile(r'^(blocks|decoder_blocks)\.(\d+)\.(.*)$')
@@ -134,8 +135,14 @@ def _known_sizes():
                    for n, c in MAE_CONFIGS.items())
 
 
-def detect(state_dict, source='<state dict>'):
-  """File kind and model size from key names and shapes."""
+def detect(state_dict, source='<state dict>', img_size=None):
+  """File kind, model size and the file's geometry from key names and shapes.
+
+  in_chans comes from the patch-embedding kernel (D, C, p, p). The grid
+  comes from pos_embed's L patch positions: `img_size`'s grid when it has L
+  patches (so a non-square file needs it), else the square grid of a
+  perfect-square L; other L are an error naming the --img-size flag.
+  """
   keys = set(state_dict)
   if 'patch_embed.proj.weight' not in keys:
     raise CheckpointError(f'{source}: no patch_embed.proj.weight: not an MAE '
@@ -159,11 +166,28 @@ def detect(state_dict, source='<state dict>'):
     raise CheckpointError(
         f'{source}: unknown model size (patch {patch}, width {width}, depth '
         f'{depth}); known sizes: {_known_sizes()}; or pass --model')
-  overrides = {}
+  overrides = {'in_chans': int(chans)}
   if 'pos_embed' in keys:
-    grid = int(round((state_dict['pos_embed'].shape[1] - 1) ** 0.5))
-    overrides['img_size'] = grid * patch
+    overrides['img_size'] = _file_img_size(
+        state_dict['pos_embed'].shape[1] - 1, patch, img_size, source)
   if kind.startswith('classifier'):
     overrides['num_classes'] = int(state_dict['head.weight'].shape[0])
     overrides['global_pool'] = kind == 'classifier_gpool'
   return Detected(kind, size, overrides)
+
+
+def _file_img_size(length, patch, img_size, source):
+  """img_size the file was made for, from its L = length patch positions."""
+  if img_size is not None:
+    try:
+      gh, gw = grid_hw(img_size, patch)
+    except ValueError as e:
+      raise CheckpointError(f'{source}: --img-size: {e}') from None
+    if gh * gw == length:
+      return normalize_img_size(img_size)
+  side = int(round(length ** 0.5))
+  if side * side == length:
+    return side * patch
+  raise CheckpointError(
+      f'{source}: pos_embed holds L={length} patch positions, not a square '
+      'grid; pass --img-size H,W (img_size=(H, W)), the size it was made for')

@@ -39,6 +39,7 @@ def attention_impl(name, backend=None):
 
 def build_model(config):
   return create_model(config.model, img_size=config.data.image_size,
+                      in_chans=config.data.get('channels', 3),
                       norm_pix_loss=config.norm_pix_loss,
                       dtype=jnp.dtype(config.dtype),
                       attention_impl=attention_impl(config.attention),
@@ -353,7 +354,8 @@ def _loop(trainer, mngr, pipeline, preemption):
                                 or done == trainer.total_steps):
         with monitor.paused():
           monitor.figure(done, *trainer.reconstruct(state['params'], fixed),
-                         trainer.model.patch_size, config.norm_pix_loss)
+                         trainer.model.patch_size, config.norm_pix_loss,
+                         config.data.get('mean'), config.data.get('std'))
       if stop:
         watch.finish()
         monitor.note(f'preempted (SIGTERM): saved step {done}/'

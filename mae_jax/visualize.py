@@ -40,27 +40,43 @@ PANEL_INCHES = 3  # each panel is PANEL_INCHES square
 DPI = 80          # so a figure is 4 * 240 px wide and 240 px per row
 
 
-def reconstruction_panels(imgs, pred, mask, patch_size, norm_pix_loss):
-  """Four (N, H, W, 3) arrays in [0, 1] from normalised NHWC images,
-  predictions (N, L, p*p*3) and mask (N, L) (1 = removed).
+def reconstruction_panels(imgs, pred, mask, patch_size, norm_pix_loss,
+                          mean=None, std=None):
+  """Four (N, H, W, 3) arrays in [0, 1] from normalised NHWC images of C
+  channels, predictions (N, L, p*p*C) and mask (N, L) (1 = removed).
 
   A norm-pix model predicts normalised patches; each predicted patch is
   mapped back with the mean and (unbiased) variance of its target patch.
+  Pixels are de-normalised as x * std + mean with per-channel `mean` and
+  `std` (length C or scalars); by default the ImageNet RGB statistics for
+  C = 3 and 0 and 1 otherwise (images shown as they are, clipped to
+  [0, 1]). C >= 3 shows the first three channels as RGB; C = 1 or 2 shows
+  the first channel as gray.
   """
   imgs = np.asarray(imgs, np.float32)
   pred = np.asarray(pred, np.float32)
   mask = np.asarray(mask, np.float32)[..., None]
-  n, h, w, _ = imgs.shape
+  n, h, w, c = imgs.shape
+  if mean is None and std is None and c == 3:
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+  mean = np.broadcast_to(np.asarray(0.0 if mean is None else mean,
+                                    np.float32), (c,))
+  std = np.broadcast_to(np.asarray(1.0 if std is None else std,
+                                   np.float32), (c,))
   p = patch_size
   if norm_pix_loss:
     target = np.asarray(patchify(imgs, p))
-    mean = target.mean(-1, keepdims=True)
-    std = np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
-    pred = pred * std + mean
+    patch_mean = target.mean(-1, keepdims=True)
+    patch_std = np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+    pred = pred * patch_std + patch_mean
   grid = (h // p, w // p)
-  recon = np.asarray(unpatchify(pred, p, grid))
-  mask_img = np.asarray(unpatchify(np.repeat(mask, p * p * 3, axis=-1), p, grid))
-  to_rgb = lambda x: np.clip(x * IMAGENET_STD + IMAGENET_MEAN, 0, 1)
+  recon = np.asarray(unpatchify(pred, p, grid, channels=c))
+  mask_img = np.asarray(unpatchify(np.repeat(mask, p * p * c, axis=-1), p,
+                                   grid, channels=c))[..., :1]
+
+  def to_rgb(x):
+    x = np.clip(x * std + mean, 0, 1)
+    return x[..., :3] if c >= 3 else np.repeat(x[..., :1], 3, axis=-1)
   original = to_rgb(imgs)
   masked = original * (1 - mask_img) + 0.5 * mask_img
   recon_rgb = to_rgb(recon)
@@ -69,11 +85,13 @@ def reconstruction_panels(imgs, pred, mask, patch_size, norm_pix_loss):
 
 
 def reconstruction_figure(imgs, pred, mask, patch_size, norm_pix_loss,
-                          title=None, row_labels=None):
+                          title=None, row_labels=None, mean=None, std=None):
   """A matplotlib Figure, one row per image and four titled panels per row;
-  (4 * PANEL_INCHES, rows * PANEL_INCHES) inches."""
+  (4 * PANEL_INCHES, rows * PANEL_INCHES) inches. `mean`/`std` as in
+  `reconstruction_panels`."""
   figure = extras.require('matplotlib.figure', 'viz', 'reconstruction figures')
-  panels = reconstruction_panels(imgs, pred, mask, patch_size, norm_pix_loss)
+  panels = reconstruction_panels(imgs, pred, mask, patch_size, norm_pix_loss,
+                                 mean, std)
   titles = ['original', 'masked',
             'reconstruction' + (' (norm-pix, de-normalised)'
                                 if norm_pix_loss else ''),
@@ -99,11 +117,12 @@ def reconstruction_figure(imgs, pred, mask, patch_size, norm_pix_loss,
 
 
 def save_reconstruction_figure(path, imgs, pred, mask, patch_size,
-                               norm_pix_loss, title=None, row_labels=None):
+                               norm_pix_loss, title=None, row_labels=None,
+                               mean=None, std=None):
   """Writes the `reconstruction_figure` as a PNG at DPI to `path` (a local
   path or a binary file object); returns `path`."""
   fig = reconstruction_figure(imgs, pred, mask, patch_size, norm_pix_loss,
-                              title, row_labels)
+                              title, row_labels, mean, std)
   fig.savefig(path, format='png', dpi=DPI)
   return path
 

@@ -215,23 +215,34 @@ def test_resize_window_and_upsampling():
   np.testing.assert_array_equal(part, full[7:27, 9:39])
 
 
-def test_pretrain_jpeg_path_matches_decoded():
+@pytest.mark.parametrize('size, mean, std', [
+    (32, augment.MEAN_RGB, augment.STD_RGB),
+    ((32, 24), (0.5,), (0.25,)),  # (H, W), grayscale
+])
+def test_pretrain_jpeg_path_matches_decoded(size, mean, std):
   buf = io.BytesIO()
   Image.fromarray(_photo('coffee.png')[:, :450]).save(buf, 'JPEG', quality=90)
   for data in (buf.getvalue(), tf.io.encode_png(_noise(60, 80)).numpy()):
     for key in _keys(3):
-      expected = augment.train_transform(augment.decode_image(data), key, 32)
-      got = augment.train_transform_jpeg(tf.constant(data), key, 32)
+      expected = augment.train_transform(augment.decode_image(data), key,
+                                         size, mean, std)
+      got = augment.train_transform_jpeg(tf.constant(data), key, size, mean,
+                                         std)
+      assert got.shape == expected.shape == augment.image_hw(size) + (
+          len(mean),)
       # libjpeg upsamples chroma differently on the crop's last column only.
-      far = np.abs(got - expected) * 255 * max(augment.STD_RGB) > 1
+      far = np.abs(got - expected) * 255 * max(std) > 1
       assert far.mean() < 0.05
 
 
 @pytest.mark.parametrize('name', ['finetune', 'linprobe'])
-def test_pipeline_augment_field(name):
-  cfg = dict(name='embedded', image_size=32, repeats=1, augment=name)
+@pytest.mark.parametrize('size, channels, shape', [
+    (32, 3, (32, 32, 3)), ((32, 48), 1, (32, 48, 1))])
+def test_pipeline_augment_field(name, size, channels, shape):
+  cfg = dict(name='embedded', image_size=size, repeats=1, augment=name,
+             channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
   batch = next(pipeline.make_iterator(cfg, 8, seed=0))
-  assert batch['image'].shape == (8, 32, 32, 3)
+  assert batch['image'].shape == (8, *shape)
   assert batch['image'].dtype == np.float32
   assert np.isfinite(batch['image']).all()
 

@@ -225,12 +225,13 @@ def test_tfds_jpeg_records_decode_only_the_crop_window(monkeypatch):
   key = augment.example_key(0, 1, 5)
   full = lambda im: augment.train_transform(im, key, SIZE)  # noqa: E731
   window = lambda d: augment.train_transform_jpeg(d, key, SIZE)  # noqa: E731
-  got, status = records.read_checked(jpeg, full, SIZE, 10**6, window)
+  shape = (SIZE, SIZE, 3)
+  got, status = records.read_checked(jpeg, full, shape, 10**6, window)
   assert int(status) == records.OK
   np.testing.assert_array_equal(got, window(jpeg))
-  got, status = records.read_checked(png, full, SIZE, 10**6, window)
+  got, status = records.read_checked(png, full, shape, 10**6, window)
   np.testing.assert_array_equal(got, full(augment.decode_image(png)))
-  got, status = records.read_checked(jpeg, full, SIZE, 1000, window)
+  got, status = records.read_checked(jpeg, full, shape, 1000, window)
   assert int(status) == records.TOO_LARGE and not np.any(got)
 
   calls = []
@@ -297,3 +298,22 @@ def test_documented_data_fields_are_config_fields_that_are_honoured(name):
   with tfds.testing.mock_data(num_examples=4):
     with pytest.raises((KeyError, ValueError), match='photo'):  # it is read
       next(pipeline.make_iterator(tfds_cfg, 4, seed=0))
+
+
+def test_tfds_records_give_non_square_grayscale_batches():
+  """(H, W) image_size and one channel through the TFDS record path: the
+  batches and the zero image of an unusable record have the (H, W, 1)
+  shape."""
+  got, status = records.read_checked(
+      tf.io.encode_png(np.zeros((40, 40, 3), np.uint8)),
+      lambda im: augment.train_transform(im, augment.example_key(0, 0, 0),
+                                         (32, 24), (0.5,), (0.5,)),
+      (32, 24, 1), 1000)
+  assert int(status) == records.TOO_LARGE and got.shape == (32, 24, 1)
+  cfg = dict(name='imagenet2012', image_size=(32, 24), channels=1,
+             mean=(0.5,), std=(0.25,), shuffle_buffer=8)
+  with tfds.testing.mock_data(num_examples=8,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    for train in (True, False):
+      batch = next(pipeline.make_iterator(cfg, 8, seed=0, train=train))
+      assert batch['image'].shape == (8, 32, 24, 1)

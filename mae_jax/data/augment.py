@@ -8,20 +8,30 @@
 
 Every random draw is a stateless op keyed by `example_key(seed, epoch, index)`,
 so an example's augmentation does not depend on parallelism or on resuming.
-Images are uint8 (H, W, 3) in; float32 (size, size, 3) normalised out.
+Images are uint8 (H, W, 3) RGB in; float32 (height, width, C) out, each
+channel normalised with its `mean` / `std` (statistics of [0, 1] pixels;
+default ImageNet RGB). `size` is an int (square) or an (height, width) pair.
+C = len(mean): 3 keeps RGB; 1 converts to grayscale with PIL's 'L' formula
+(ITU-R 601-2 luma, `to_channels`) on the uint8 crop before it is resized
+('finetune': after RandAugment, whose colour ops need RGB).
 'finetune', 'linprobe' and eval resize with `resize_bicubic_pil`, which
 reproduces PIL's uint8 bicubic resize (as the PyTorch reference does).
+A non-square size crops as torchvision's RandomResizedCrop((H, W)) does:
+the box is drawn with the same area and aspect-ratio ranges (the ratio of
+the box, not of the output) and resized to (H, W).
 """
 import math
 
 import tensorflow as tf
 
+from mae_jax.config_check import IMAGENET_MEAN, IMAGENET_STD
 from mae_jax.data import randaugment
 from mae_jax.errors import ConfigError
+from mae_jax.models.geometry import image_hw
 
-MEAN_RGB = (0.485, 0.456, 0.406)  # ImageNet statistics of [0, 1] pixels
-STD_RGB = (0.229, 0.224, 0.225)
-CROP_PCT = 0.875  # eval: resize shorter side to int(size / CROP_PCT)
+MEAN_RGB = IMAGENET_MEAN  # ImageNet statistics of [0, 1] pixels (defaults)
+STD_RGB = IMAGENET_STD
+CROP_PCT = 0.875  # eval: resize so that int(side / CROP_PCT) fits
 SCALE = (0.2, 1.0)  # RandomResizedCrop area fraction (MAE pretraining)
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio w / h
 FINETUNE_SCALE = (0.08, 1.0)  # RandomResizedCrop area fraction (fine-tune,
@@ -85,10 +95,24 @@ def sample_crop_box(key, height, width, scale=SCALE, ratio=RATIO):
   return top, left, crop_h, crop_w
 
 
-def normalize(image):
-  """float (..., 3) pixels in [0, 255] -> ImageNet-normalised float32."""
+def to_channels(image, channels):
+  """uint8 (H, W, 3) RGB -> (H, W, channels): 3 as is; 1 by PIL's 'L'
+  conversion, (19595 R + 38470 G + 7471 B + 2**15) >> 16 (a 1-channel
+  image is kept)."""
+  if channels == 3 or (channels == 1 and image.shape[-1] == 1):
+    return image
+  if channels != 1:
+    raise ConfigError(f'images decode to 1 (grayscale) or 3 (RGB) channels, '
+                      f'not {channels}')
+  return tf.cast(randaugment.grayscale(image), tf.uint8)
+
+
+def normalize(image, mean=MEAN_RGB, std=STD_RGB):
+  """float (..., C) pixels in [0, 255] -> float32 normalised per channel
+  with mean / std (C values each, statistics of [0, 1] pixels)."""
   image = tf.cast(image, tf.float32) / 255.0
-  return (image - tf.constant(MEAN_RGB)) / tf.constant(STD_RGB)
+  return ((image - tf.constant(mean, tf.float32))
+          / tf.constant(std, tf.float32))
 
 
 def _resize_bicubic(image, height, width):
@@ -164,18 +188,20 @@ def _crop(image, box):
   return image[top:top + crop_h, left:left + crop_w]
 
 
-def train_transform(image, key, size, scale=SCALE, ratio=RATIO):
+def train_transform(image, key, size, mean=MEAN_RGB, std=STD_RGB,
+                    scale=SCALE, ratio=RATIO):
   """'pretrain': RandomResizedCrop(size, bicubic) + horizontal flip (p=0.5) +
-  normalise. uint8 (H, W, 3) -> float32 (size, size, 3)."""
+  normalise. uint8 (H, W, 3) -> float32 (height, width, len(mean))."""
   image = tf.convert_to_tensor(image)
   k_box, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
   shape = tf.shape(image)
   crop = _crop(image, sample_crop_box(k_box, shape[0], shape[1], scale, ratio))
-  crop = _resize_bicubic(crop, size, size)
-  return normalize(_random_flip(crop, k_flip))
+  crop = _resize_bicubic(to_channels(crop, len(mean)), *image_hw(size))
+  return normalize(_random_flip(crop, k_flip), mean, std)
 
 
-def train_transform_jpeg(data, key, size, scale=SCALE, ratio=RATIO):
+def train_transform_jpeg(data, key, size, mean=MEAN_RGB, std=STD_RGB,
+                         scale=SCALE, ratio=RATIO):
   """train_transform of encoded image bytes (string scalar), with the same
   random draws; a JPEG decodes only the crop window, sampled from its header
   shape. Pixels equal a full decode's except on the window's last column,
@@ -194,8 +220,8 @@ def train_transform_jpeg(data, key, size, scale=SCALE, ratio=RATIO):
                                         ratio))
 
   crop = tf.cond(tf.io.is_jpeg(data), jpeg, other)
-  crop = _resize_bicubic(crop, size, size)
-  return normalize(_random_flip(crop, k_flip))
+  crop = _resize_bicubic(to_channels(crop, len(mean)), *image_hw(size))
+  return normalize(_random_flip(crop, k_flip), mean, std)
 
 
 def random_erase(image, key, prob=ERASE_PROB, area=ERASE_AREA,
@@ -232,19 +258,20 @@ def random_erase(image, key, prob=ERASE_PROB, area=ERASE_AREA,
   return tf.where(inside & erase, noise, image)
 
 
-def finetune_transform(image, key, size):
+def finetune_transform(image, key, size, mean=MEAN_RGB, std=STD_RGB):
   """'finetune': RandomResizedCrop(size, scale (0.08, 1), bicubic as PIL) +
   flip + RandAugment rand-m9-mstd0.5-inc1 + normalise + random erasing
-  (p=0.25, pixel mode). uint8 (H, W, 3) -> float32 (size, size, 3)."""
+  (p=0.25, pixel mode). uint8 (H, W, 3) -> float32 (height, width,
+  len(mean))."""
   image = tf.convert_to_tensor(image)
   k_box, k_flip, k_aug, k_erase = tf.unstack(
       tf.random.experimental.stateless_split(key, 4))
   shape = tf.shape(image)
   box = sample_crop_box(k_box, shape[0], shape[1], FINETUNE_SCALE, RATIO)
-  crop = resize_bicubic_pil(_crop(image, box), size, size)
+  crop = resize_bicubic_pil(_crop(image, box), *image_hw(size))
   crop = _random_flip(tf.cast(crop, tf.uint8), k_flip)
-  crop = randaugment.rand_augment(crop, k_aug)
-  return random_erase(normalize(crop), k_erase)
+  crop = to_channels(randaugment.rand_augment(crop, k_aug), len(mean))
+  return random_erase(normalize(crop, mean, std), k_erase)
 
 
 def sample_crop_box_single(key, height, width, scale=FINETUNE_SCALE,
@@ -273,19 +300,21 @@ def sample_crop_box_single(key, height, width, scale=FINETUNE_SCALE,
   return tuple(tf.cast(v, tf.int32) for v in (top, left, h, w))
 
 
-def linprobe_transform(image, key, size):
+def linprobe_transform(image, key, size, mean=MEAN_RGB, std=STD_RGB):
   """'linprobe': single-draw RandomResizedCrop(size, scale (0.08, 1), bicubic
-  as PIL) + flip + normalise. uint8 (H, W, 3) -> float32 (size, size, 3)."""
+  as PIL) + flip + normalise. uint8 (H, W, 3) -> float32 (height, width,
+  len(mean))."""
   image = tf.convert_to_tensor(image)
   k_box, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
   shape = tf.shape(image)
   box = sample_crop_box_single(k_box, shape[0], shape[1])
-  crop = resize_bicubic_pil(_crop(image, box), size, size)
-  return normalize(_random_flip(crop, k_flip))
+  crop = to_channels(_crop(image, box), len(mean))
+  crop = resize_bicubic_pil(crop, *image_hw(size))
+  return normalize(_random_flip(crop, k_flip), mean, std)
 
 
 def get_train_transform(name):
-  """The training transform fn(uint8 image, key, size) named by
+  """The training transform fn(uint8 image, key, size, mean, std) named by
   data.augment: one of TRAIN_AUGMENTS."""
   transforms = dict(pretrain=train_transform, finetune=finetune_transform,
                     linprobe=linprobe_transform)
@@ -296,26 +325,31 @@ def get_train_transform(name):
 
 
 def get_train_bytes_transform(name):
-  """The training transform of encoded bytes fn(bytes, key, size) that
-  decodes only a JPEG's crop window, for the data.augment that has one
+  """The training transform of encoded bytes fn(bytes, key, size, mean, std)
+  that decodes only a JPEG's crop window, for the data.augment that has one
   ('pretrain': train_transform_jpeg), else None."""
   get_train_transform(name)  # checks the name
   return {'pretrain': train_transform_jpeg}.get(name)
 
 
-def eval_transform(image, size, crop_pct=CROP_PCT):
-  """Resize shorter side to int(size / crop_pct) as PIL bicubic does, center
-  crop size x size (top = round((h - size) / 2), half to even, as
-  torchvision), normalise. uint8 (H, W, 3) -> float32 (size, size, 3)."""
-  image = tf.convert_to_tensor(image)
-  resize = int(size / crop_pct)
+def eval_transform(image, size, crop_pct=CROP_PCT, mean=MEAN_RGB,
+                   std=STD_RGB):
+  """Resize (PIL bicubic, aspect kept) so that an int(H / crop_pct) x
+  int(W / crop_pct) box fits, center crop (H, W) (top = round((h - H) / 2),
+  half to even, as torchvision), normalise. For a square size S this is
+  torchvision's Resize(int(S / crop_pct)) of the shorter side, the longer
+  side floored as torchvision does. uint8 (h, w, 3) -> float32 (H, W,
+  len(mean))."""
+  image = to_channels(tf.convert_to_tensor(image), len(mean))
+  height, width = image_hw(size)
+  fit_h, fit_w = int(height / crop_pct), int(width / crop_pct)
   shape = tf.shape(image)
   h, w = shape[0], shape[1]
-  short = tf.minimum(h, w)
-  new_h = tf.where(h <= w, resize, resize * h // short)  # as torchvision
-  new_w = tf.where(h <= w, resize * w // short, resize)
-  top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2), tf.int32)
-  left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2), tf.int32)
-  image = resize_bicubic_pil(image, new_h, new_w, (top, left, size, size))
-  image.set_shape([size, size, 3])
-  return normalize(image)
+  by_height = fit_h * w >= fit_w * h  # the height binds: it gets fit_h
+  new_h = tf.where(by_height, fit_h, fit_w * h // w)
+  new_w = tf.where(by_height, fit_h * w // h, fit_w)
+  top = tf.cast(tf.round(tf.cast(new_h - height, tf.float32) / 2), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_w - width, tf.float32) / 2), tf.int32)
+  image = resize_bicubic_pil(image, new_h, new_w, (top, left, height, width))
+  image.set_shape([height, width, len(mean)])
+  return normalize(image, mean, std)

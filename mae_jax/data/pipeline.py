@@ -15,7 +15,12 @@ of a resumed iterator or the epoch length: see mae_jax.data.records.
 `data_cfg` (a dict, ConfigDict or any object with attributes; the configs'
 `config.data`, which holds every field below) fields:
   name: 'embedded' | 'folder' | a TFDS dataset name (e.g. 'imagenet2012').
-  image_size: output height = width, in pixels.
+  image_size: output size in pixels, an int (square) or an (H, W) pair.
+  channels (3): 3 (RGB) or 1 (grayscale: PIL's 'L' conversion of the RGB
+    decode, see augment.to_channels).
+  mean, std (ImageNet RGB: augment.MEAN_RGB, STD_RGB): per-channel
+    statistics of [0, 1] pixels, `channels` values each; the batches are
+    (pixels / 255 - mean) / std.
   data_dir (None): image folder root ('folder') or TFDS data_dir.
   split ('train'): folder sub-directory or TFDS split; ignored by 'embedded'.
   repeats (None): copies of each embedded photo per epoch; None gives an
@@ -37,13 +42,15 @@ import math
 
 import tensorflow as tf
 
+from mae_jax.config_check import check_image_fields
 from mae_jax.data import augment, records, sources
 from mae_jax.errors import ConfigError
 
 _DEFAULTS = dict(data_dir=None, split='train', repeats=None,
                  shuffle_buffer=10_000, image_key='image', label_key='label',
                  augment='pretrain', on_error='skip',
-                 max_pixels=sources.MAX_PIXELS)
+                 max_pixels=sources.MAX_PIXELS, channels=3,
+                 mean=augment.MEAN_RGB, std=augment.STD_RGB)
 _SHUFFLE_INDEX = -1  # example_key index reserved for the epoch's shuffle
 _AUTOTUNE = tf.data.AUTOTUNE
 
@@ -183,7 +190,8 @@ def make_iterator(data_cfg, global_batch_size, *, seed, start_step=0,
                   with_index=False):
   """Iterator of this process's batches, as dicts of numpy arrays.
 
-  'image': float32 (L, S, S, 3) NHWC, ImageNet-normalised; 'label': int32
+  'image': float32 (L, H, W, C) NHWC (data.image_size, data.channels),
+  normalised with data.mean / data.std; 'label': int32
   (L,); with `with_index`, 'index': int64 (L,) example identity (TFDS: hash
   of tfds_id). Training is infinite; batch k of an iterator started at
   `start_step` is batch start_step + k of an uninterrupted one. Evaluation
@@ -196,7 +204,9 @@ def make_iterator(data_cfg, global_batch_size, *, seed, start_step=0,
                      f'[0, process_count={process_count})')
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}')
-  size = int(_field(data_cfg, 'image_size'))
+  size, channels, mean, std = check_image_fields(
+      *(_field(data_cfg, f) for f in ('image_size', 'channels', 'mean',
+                                      'std')))
   train_transform = augment.get_train_transform(_field(data_cfg, 'augment'))
   src = _source(data_cfg, process_index, process_count, drop_remainder=train)
 
@@ -208,7 +218,7 @@ def make_iterator(data_cfg, global_batch_size, *, seed, start_step=0,
 
     def transform(image, epoch, index):
       return train_transform(image, augment.example_key(seed, epoch, index),
-                             size)
+                             size, mean, std)
 
     jpeg_transform = None
     bytes_transform = augment.get_train_bytes_transform(
@@ -216,7 +226,7 @@ def make_iterator(data_cfg, global_batch_size, *, seed, start_step=0,
     if bytes_transform is not None:  # same draws, crop window decoded only
       def jpeg_transform(data, epoch, index):
         return bytes_transform(data, augment.example_key(seed, epoch, index),
-                               size)
+                               size, mean, std)
   else:
     refs = _eval_refs(src, data_cfg, global_batch_size, process_index,
                       process_count)
@@ -224,7 +234,7 @@ def make_iterator(data_cfg, global_batch_size, *, seed, start_step=0,
 
     def transform(image, valid, index):
       del valid, index
-      return augment.eval_transform(image, size)
+      return augment.eval_transform(image, size, mean=mean, std=std)
 
   indexed = isinstance(src, sources.IndexedSource)
   if indexed:
@@ -246,8 +256,8 @@ def make_iterator(data_cfg, global_batch_size, *, seed, start_step=0,
     ds = ds.batch(local, drop_remainder=True)
   else:
     max_pixels = int(_field(data_cfg, 'max_pixels'))
-    ds = records.tfds_batches(refs, local, transform, size, max_pixels,
-                              train, with_index, jpeg_transform)
+    ds = records.tfds_batches(refs, local, transform, size + (channels,),
+                              max_pixels, train, with_index, jpeg_transform)
   options = tf.data.Options()
   options.deterministic = True
   batches = ds.prefetch(_AUTOTUNE).with_options(options).as_numpy_iterator()

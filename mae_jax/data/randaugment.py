@@ -29,7 +29,7 @@ def _to_uint8(image):
   return tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)
 
 
-def _grayscale(image):
+def grayscale(image):
   """PIL 'L' conversion (ITU-R 601-2 luma, fixed point): int32 (H, W, 1)."""
   rgb = tf.cast(image, tf.int32)
   luma = rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471
@@ -96,12 +96,13 @@ def solarize_add(image, add, threshold=128):
 
 
 def color(image, factor):
-  return _blend(tf.tile(_grayscale(image), [1, 1, 3]), image, factor)
+  return _blend(tf.tile(grayscale(image), [1, 1, 3]), image, factor)
 
 
 def contrast(image, factor):
   """Blend with the grey level of the rounded mean luma."""
-  mean = tf.floor(tf.reduce_mean(tf.cast(_grayscale(image), tf.float32)) + 0.5)
+  mean = tf.floor(
+      tf.reduce_mean(tf.cast(grayscale(image), tf.float32)) + 0.5)
   return _blend(tf.fill(tf.shape(image), mean), image, factor)
 
 

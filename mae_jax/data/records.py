@@ -75,16 +75,17 @@ def _header_pixels(data):
   return is_jpeg | is_png | is_gif | is_bmp | other, pixels, is_jpeg
 
 
-def read_checked(data, transform, size, max_pixels, jpeg_transform=None):
+def read_checked(data, transform, shape, max_pixels, jpeg_transform=None):
   """(transform(uint8 image), status) of encoded bytes; status OK, or
-  NOT_AN_IMAGE / TOO_LARGE with a zero image. Raises where the bytes do not
-  decode (the caller drops those: UNDECODABLE). With `jpeg_transform` (fn of
-  the bytes) a JPEG goes through it instead: its header already gave the
-  true size, and it decodes only what it needs (the crop window)."""
+  NOT_AN_IMAGE / TOO_LARGE with a zero image of `shape` (H, W, C). Raises
+  where the bytes do not decode (the caller drops those: UNDECODABLE). With
+  `jpeg_transform` (fn of the bytes) a JPEG goes through it instead: its
+  header already gave the true size, and it decodes only what it needs (the
+  crop window)."""
   known, pixels, is_jpeg = _header_pixels(data)
   status = tf.where(known, tf.where(pixels > max_pixels, TOO_LARGE, OK),
                     NOT_AN_IMAGE)
-  zeros = tf.zeros([size, size, 3])
+  zeros = tf.zeros(shape)
 
   def decode():
     image = augment.decode_image(data)
@@ -101,7 +102,7 @@ def read_checked(data, transform, size, max_pixels, jpeg_transform=None):
   return tf.cond(tf.equal(status, OK), decode, lambda: (zeros, status))
 
 
-def tfds_batches(refs, local, transform, size, max_pixels, train,
+def tfds_batches(refs, local, transform, shape, max_pixels, train,
                  with_index, jpeg_transform=None):
   """Batches of TFDS (reference, extra) pairs (extra: epoch, or valid in
   evaluation) whose bad records are filled as the module docstring says.
@@ -117,7 +118,7 @@ def tfds_batches(refs, local, transform, size, max_pixels, train,
   def example(ref, extra, slot):
     data, label, uid, _ = ref
     image, status = read_checked(
-        data, lambda im: transform(im, extra, uid), size, max_pixels,
+        data, lambda im: transform(im, extra, uid), shape, max_pixels,
         jpeg_transform and (lambda d: jpeg_transform(d, extra, uid)))
     return {'image': image, 'label': label, 'index': uid, 'status': status,
             'slot': slot}
