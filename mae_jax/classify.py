@@ -20,14 +20,14 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from mae_jax import checkpoint, convert, optim, paths, sharding
-from mae_jax.config_check import (ConfigError, check_classifier_config,
-                                  check_resume)
+from mae_jax.config_check import ConfigError, check_classifier_config
 from mae_jax.failed_saves import (SaveWatch, closing, quiet_failed_saves,
                                   save_step)
 from mae_jax.mixup import mix_batch, smooth_one_hot, soft_cross_entropy
 from mae_jax.models import VisionTransformer, create_model, model_input_shape
 from mae_jax.monitor import Monitor, mesh_text, shown
-from mae_jax.trainer import attention_impl, manager, schedule_for
+from mae_jax.trainer import (attention_impl, check_saved_config, manager,
+                             schedule_for)
 from mae_jax.workdir import Preemption, WorkdirLock
 
 
@@ -219,12 +219,7 @@ class ClassifierTrainer:
   def restore(self, mngr, step):
     """(state, overrides) of `step`; a checkpoint of another config is
     refused as in pretraining (config_check.check_resume)."""
-    saved = mngr.restore(step, args=ocp.args.Composite(
-        model=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    overrides = check_resume(
-        self.config, saved['meta'].get('config', {}),
-        checkpoint.model_description(self.model), saved['model'],
-        shown(mngr.directory / str(step)))
+    _, overrides = check_saved_config(mngr, step, self.config, self.model)
     names = [k for k in self.item_names() if k in self.abstract]
     restored = mngr.restore(step, args=ocp.args.Composite(**{
         k: ocp.args.StandardRestore(self.abstract[k]) for k in names}))

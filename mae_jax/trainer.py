@@ -108,6 +108,18 @@ def manager(directory, keep, item_names):
                                item_names=item_names)
 
 
+def check_saved_config(mngr, step, config, model):
+  """(meta, overrides) of checkpoint `step`, after config_check.check_resume
+  compared its saved config and model description with `config` and
+  `model` (refusing a run they would change)."""
+  saved = mngr.restore(step, args=ocp.args.Composite(
+      model=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+  overrides = check_resume(config, saved['meta'].get('config', {}),
+                           checkpoint.model_description(model),
+                           saved['model'], shown(mngr.directory / str(step)))
+  return saved['meta'], overrides
+
+
 class Trainer:
   """Holds the mesh, the model, the jitted step and the checkpoint manager."""
 
@@ -228,17 +240,12 @@ class Trainer:
     """(state, meta, overrides) of `step` on this trainer's mesh; a
     checkpoint of another model or config is refused, naming the fields
     that differ; `overrides` lists those config.resume_override allowed."""
-    saved = mngr.restore(step, args=ocp.args.Composite(
-        model=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    overrides = check_resume(
-        self.config, saved['meta'].get('config', {}),
-        checkpoint.model_description(self.model), saved['model'],
-        shown(mngr.directory / str(step)))
+    meta, overrides = check_saved_config(mngr, step, self.config, self.model)
     restored = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(self.abstract_state['params']),
         opt_state=ocp.args.StandardRestore(self.abstract_state['opt_state'])))
     state = {'params': restored['params'], 'opt_state': restored['opt_state']}
-    return state, saved['meta'], overrides
+    return state, meta, overrides
 
   # -- loop ------------------------------------------------------------------
 
