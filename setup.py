@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
     'pillow>=11.0',
     'etils[epath]>=1.15',
     'tqdm>=4.66',
-    # TensorBoard events of mae_jax.monitor (a core module); it adds only
+    # TensorBoard events of mae_jax.train.monitor (a core module); it adds only
     # `packaging` (orbax-checkpoint already brings protobuf).
     'tensorboardX>=2.6',
     'safetensors>=0.4',

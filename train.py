@@ -12,10 +12,11 @@ Configs (--config FILE:VARIANT):
   configs/finetune.py:tiny|base|large|huge   fine-tuning (init_from: weights)
   configs/linprobe.py:tiny|base|large|huge   linear probing (init_from)
 tiny runs on the photographs bundled with scikit-image (CPU, minutes); base,
-large and huge follow the paper's ImageNet recipes. Every field is documented
-where it is set, in the config files (configs/common.py holds the shared
-classifier fields), and README.md explains the main switches. Any field can
-be overridden with --config.FIELD=VALUE (nested: --config.data.data_dir=DIR).
+large and huge follow the paper's ImageNet recipes. Every field, its default
+and its allowed values are documented in mae_jax/schema.py (the config files
+hold each variant's recipe), and README.md explains the main switches. Any
+field can be overridden with --config.FIELD=VALUE (nested:
+--config.data.data_dir=DIR).
 
 A workdir that holds a checkpoint is resumed automatically; SIGTERM saves
 the current step and exits 0. Multi-host: pass --coordinator_address/
@@ -38,7 +39,7 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file(
     'config', None, 'Config file:variant, e.g. configs/pretrain.py:tiny (see '
-    'above for the variants; fields are documented in the config files).',
+    'above for the variants; fields are documented in mae_jax/schema.py).',
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize().')
@@ -136,7 +137,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
   import jax
-  from mae_jax import classify, trainer
+  from mae_jax.train import classify, failure_reports, pretrain
 
   if FLAGS.num_processes > 1:
     jax.distributed.initialize(FLAGS.coordinator_address,
@@ -144,8 +145,11 @@ def main(argv):
   elif FLAGS.distributed:
     jax.distributed.initialize()
   user_errors = _user_errors()
+  # One report per failed checkpoint save, for the life of this process
+  # (stranded writes can report up to interpreter exit).
+  failure_reports.install()
   try:
-    run = trainer.train if FLAGS.config.task == 'pretrain' else classify.train
+    run = pretrain.train if FLAGS.config.task == 'pretrain' else classify.train
     run(FLAGS.config, FLAGS.workdir)
   except tuple(cls for classes, _ in user_errors for cls in classes) as e:
     _fail(str(e), next(code for classes, code in user_errors

@@ -3,7 +3,7 @@
   python benchmarks/compile_time.py [--model mae_vit_huge_patch14] \
       [--batch 2] [--dtype float32] [--scan on off] [--remat] [--out r.jsonl]
 
-Builds mae_jax.trainer.Trainer as benchmarks/pretrain_throughput.py does
+Builds mae_jax.train.pretrain.PretrainTask as benchmarks/pretrain_throughput.py does
 (the jitted, sharded train step: forward, backward, AdamW update) and times
 `train_step.trace(...)`, `.lower()` and `.compile()` on abstract arguments,
 so no parameters are allocated (huge fits on a small machine); the process
@@ -31,33 +31,22 @@ def measure(args):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   jax.config.update('jax_enable_compilation_cache', False)
-  from configs import pretrain  # pylint: disable=import-outside-toplevel
-  from mae_jax import sharding  # pylint: disable=import-outside-toplevel
-  from mae_jax import trainer  # pylint: disable=import-outside-toplevel
+  from benchmarks.pretrain_throughput import step_config  # pylint: disable=import-outside-toplevel
+  from mae_jax.train import pretrain, sharding  # pylint: disable=import-outside-toplevel
 
   scan = args.scan == ['on']  # the child gets exactly one setting
-  config = pretrain.get_config('base')
-  with config.unlocked():
-    config.model = args.model
-    config.dtype = args.dtype
-    config.batch_size = args.batch
-    config.total_steps, config.warmup_steps = 1000, 10
-    config.data.name = 'embedded'
-    config.data.image_size = args.image_size
-    config.remat = args.remat
-    config.scan_blocks = scan
+  config = step_config(args, remat=args.remat, scan_blocks=scan)
   devices = jax.devices()[:1]
   mesh = sharding.make_mesh((1, 1), devices)
-  t = trainer.Trainer(config, '/unused', mesh)
   start = time.perf_counter()
-  t.setup(steps_per_epoch=100)
+  t = pretrain.PretrainTask(config, mesh)
   setup_s = time.perf_counter() - start
-  images = jax.ShapeDtypeStruct(
-      (args.batch, args.image_size, args.image_size, 3), jnp.float32,
-      sharding=sharding.batch_sharding(mesh))
+  images = {'image': jax.ShapeDtypeStruct(
+      (1, args.batch, args.image_size, args.image_size, 3), jnp.float32,
+      sharding=sharding.batch_sharding(mesh, stacked=True))}
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   start, cpu = time.perf_counter(), time.process_time()
-  traced = t.train_step.trace(t.abstract_state, images, scalar, scalar)
+  traced = t.update.trace(t.abstract_state, images, scalar)
   trace_s = time.perf_counter() - start
   lowered = traced.lower()
   lower_s = time.perf_counter() - start - trace_s

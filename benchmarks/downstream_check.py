@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
 from configs import finetune, linprobe, pretrain  # noqa: E402
-from mae_jax import classify, trainer  # noqa: E402
+from mae_jax.train import classify, pretrain as pretrain_task  # noqa: E402
 from mae_jax.data import pipeline, sources  # noqa: E402
 
 CROP_EPOCHS = 2  # diagnostics: training crops = CROP_EPOCHS x the train epoch
@@ -59,8 +59,8 @@ def run_pretraining(steps, overrides, workdir):
   config.update_from_flattened_dict(dict(
       total_steps=steps, checkpoint_every_steps=steps, figure_every_steps=0,
       **overrides))
-  with sources.embedded_split('train'):  # no validation pixel is seen
-    trainer.train(config, workdir)
+  assert config.data.split == 'train'  # no validation pixel is seen
+  pretrain_task.train(config, workdir)
   return config
 
 
@@ -80,8 +80,8 @@ def features(config, init_from, images):
   size = config.data.image_size
   variables = jax.jit(model.init)(key, jnp.zeros((1, size, size, 3)))
   if init_from:
-    variables = {**variables, 'params': classify.pretrained_params(
-        init_from, model, key)}
+    variables = {**variables, 'params': classify.load_pretrained(
+        init_from, model, key)[0]}
   apply = jax.jit(lambda x: model.apply(variables, x, return_features=True))
   return np.concatenate([np.asarray(apply(images[i:i + 64]))
                          for i in range(0, len(images), 64)])
@@ -91,14 +91,12 @@ def crops(config):
   """(train crops, labels, validation tiles, labels) as the probe sees them:
   CROP_EPOCHS epochs of its training transform, one pass of eval tiles."""
   data = config.data
-  with sources.embedded_split(data.split):
-    steps = pipeline.steps_per_epoch(data, config.batch_size)
-    it = pipeline.make_iterator(data, config.batch_size, seed=config.seed)
-    train = [next(it) for _ in range(CROP_EPOCHS * steps)]
+  steps = pipeline.steps_per_epoch(data, config.batch_size)
+  it = pipeline.make_iterator(data, config.batch_size, seed=config.seed)
+  train = [next(it) for _ in range(CROP_EPOCHS * steps)]
   eval_cfg = dict(data.to_dict(), split=data.eval_split, repeats=1)
-  with sources.embedded_split(data.eval_split):
-    held_out = [b for b in pipeline.make_iterator(
-        eval_cfg, config.batch_size, seed=config.seed, train=False)]
+  held_out = [b for b in pipeline.make_iterator(
+      eval_cfg, config.batch_size, seed=config.seed, train=False)]
   join = lambda bs, k: np.concatenate([b[k] for b in bs])  # noqa: E731
   valid = join(held_out, 'valid')
   return (join(train, 'image'), join(train, 'label'),

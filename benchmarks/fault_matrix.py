@@ -36,14 +36,19 @@ NOTES = """\
 ## How each fault is handled, and where it is tested
 
 - **SIGKILL** (section 1; `tests/test_reliability.py::test_fault_matrix_ci`
-  runs this script with 3 kills and 1 SIGTERM; `tests/test_train_loop.py`
-  has one more kill). Checkpoints are written by orbax into
+  runs this script with 3 kills and 1 SIGTERM;
+  `tests/test_faults_every_task.py::test_sigkill_after_a_checkpoint_resumes_to_the_uninterrupted_state`
+  kills a run of each task, pretraining, fine-tuning and linear probing, right
+  after a checkpoint and compares every saved array with an uninterrupted
+  run's). Checkpoints are written by orbax into
   `STEP.orbax-checkpoint-tmp-*` and renamed when complete; a restart deletes
   such leftovers (`cleanup_tmp_directories`) and resumes from the newest
   complete step, so a partial checkpoint is never read. Lost work: the
   updates after the newest complete checkpoint (at most
   `checkpoint_every_steps`), recomputed bit for bit.
-- **SIGTERM** (section 2). A handler installed when `train()` starts sets a
+- **SIGTERM** (section 2;
+  `tests/test_faults_every_task.py::test_sigterm_saves_the_step_it_reached_and_exits_0`
+  for each task). A handler installed when `train()` starts sets a
   flag; at the next step boundary the run saves that step, waits for the
   write and exits 0 (`preempted (SIGTERM): saved step N`). Multi-process
   runs (jax.distributed) leave SIGTERM to JAX's preemption service: the
@@ -57,8 +62,10 @@ NOTES = """\
   as soon as the run is up, and checks that both exit 0 having saved the
   same step (1 or 2 of 3), that the restart resumes there, and that it ends
   equal (atol 1e-5) to an uninterrupted one-process run on 8 devices.
-- **NaN / Inf** (`test_nan_batch_stops_or_is_skipped`, an all-NaN batch at
-  update 3 injected by monkeypatching the data iterator). Default: the run
+- **NaN / Inf** (`tests/test_faults_every_task.py::test_nonfinite_loss_stops_naming_the_update`
+  and `test_nonfinite_loss_is_skipped_with_skip_nonfinite`, for each task:
+  train.py run with an all-NaN batch at update 3, injected by wrapping the
+  data iterator). Default: the run
   stops with `non-finite loss=nan, grad_norm=nan at update 3; the last good
   checkpoint is step 2` (exit status 1). `--config.skip_nonfinite=True`:
   the step keeps the previous parameters and optimizer state (`jnp.where`
@@ -66,17 +73,13 @@ NOTES = """\
   skipped so far`, metrics.jsonl carries `skipped_total`, and the count is
   saved in the checkpoint. Parameters are checked for NaN/Inf before every
   save; non-finite parameters are never written. With `accum_iter > 1`
-  the update is skipped whole (`test_nonfinite_micro_batch_drops_its_whole_accumulated_update`):
-  a non-finite micro-batch enters the optax.MultiSteps accumulator as NaN,
-  the parameters are held until the update's last micro-step, which puts
-  back the parameters, the wrapped optimizer's state and its update count
-  of before the update and empties the accumulator. The micro-step count
-  keeps its pace and the update counts once; the test checks that the state
-  is bitwise that of a run without update 1, with the bad micro-batch first
-  or second. (Before, the bad micro-batch alone was skipped and the
-  accumulator fell out of step: every later update mixed two updates'
-  micro-batches.) The optimizer's own schedule counts applied updates, so
-  after k skipped updates it runs k updates behind the logged `lr`.
+  the update is skipped whole
+  (`tests/test_reliability.py::test_nonfinite_micro_batch_drops_its_whole_accumulated_update`):
+  the micro-batches' gradients are summed by a `lax.scan` inside one jitted
+  update, so a non-finite micro-batch makes the update's loss or gradient
+  norm non-finite and one `jnp.where` keeps the whole state of before the
+  update. The optimizer's own schedule counts applied updates, so after k
+  skipped updates it runs k updates behind the logged `lr`.
 - **Bad images** (section 4, `test_bad_images_are_converted_or_skipped_and_named`,
   `test_bad_tfds_records_are_converted_or_skipped_and_named`).
   Folder files are opened with PIL once, up front, in a thread pool (JPEGs
@@ -95,23 +98,27 @@ NOTES = """\
   resumed run equals batch k of an uninterrupted one) are unchanged. Each
   bad record is logged by its tfds_id with the reason and a running count;
   `on_error='fail'` raises naming it; evaluation marks it `valid=False`.
-- **Workdir in use** (`test_workdir_lock_refuses_a_second_run`): `fcntl.flock`
-  on `WORKDIR/.lock` (`.lock.I` for process I > 0) for the run's lifetime;
-  a second run prints `error: workdir W is in use by another run (pid P on
+- **Workdir in use**
+  (`tests/test_faults_every_task.py::test_second_run_on_a_locked_workdir_is_refused_in_one_line`):
+  `fcntl.flock` on `WORKDIR/.lock` (`.lock.I` for process I > 0) for the
+  run's lifetime; a second run, of any task, prints `error: workdir W is in use by another run (pid P on
   HOST since T; lock file W/.lock)` and exits 2. The kernel drops the lock
   when a run dies, so there is never a stale lock.
-- **Checkpoint of another config** (same test as NaN): before restoring,
-  the saved config and model description are compared with the current
-  ones: every config field must match except those that do not change the
-  updates (`config_check.NOT_TRAJECTORY`: the log, checkpoint, figure and
+- **Checkpoint of another config**
+  (`tests/test_faults_every_task.py::test_resume_refuses_a_changed_config_in_one_line`,
+  `tests/test_resume.py::test_resume_refuses_a_trajectory_change_naming_the_field`):
+  before restoring, the saved config and model description are compared
+  with the current ones: every config field must match except those that do not change the
+  updates (`schema.NOT_TRAJECTORY`: the log, checkpoint, figure and
   eval intervals, keep_checkpoints, mesh, attention, remat,
   fuse_patch_gather, skip_nonfinite, data.on_error);
   `--config.resume_override=FIELD,...` allows named changes (e.g. a longer
   total_steps). A mismatch is `error: checkpoint .../6 was written by
-  another config: data.image_size=64 (checkpoint) != 32 (now); ...;
+  another config: blr=0.0015 (checkpoint) != 0.125 (now); ...;
   resuming would change the run. ...`.
-- **Full disk** (`test_full_disk_fails_the_save_and_keeps_older_checkpoints`,
-  a 40 MiB tmpfs; skipped where mounting needs a root the test lacks): the
+- **Full disk** (`tests/test_faults_every_task.py::test_full_disk_stops_in_one_line_and_keeps_older_checkpoints`,
+  for each task a tmpfs with room for one checkpoint of its run, not two;
+  skipped where mounting needs a root the test lacks): the
   failing save raises `saving checkpoint step 4 in ... failed: ... No space
   left on device; the older checkpoints [2] are intact`, the CLI prints it
   as its last line and exits 1, and step 2 still loads. No traceback is
@@ -121,6 +128,27 @@ NOTES = """\
   the failed save's event loop (dozens to hundreds, some at exit) is
   dropped by a `sys.unraisablehook` filter
   (`test_writes_finishing_after_their_event_loop_closed_are_silent`).
+- **Corrupt checkpoint data** (`tests/test_loop.py::test_a_flipped_bit_is_found_on_resume_which_takes_the_previous_step`,
+  `test_a_flipped_bit_makes_load_refuse_naming_the_leaf_unless_asked`,
+  `tests/test_checksums.py`). Every save stores a checksum of each saved
+  leaf (item `checksums`; two 32-bit position-weighted sums of the leaf's
+  bits, computed on device in one pass, so any single flipped bit changes
+  it: proof in `mae_jax/checksums.py`). A resumed run verifies every
+  restored leaf; a step that does not match is named with the leaf
+  (`warning: checkpoint W/checkpoints/4 is corrupt: params leaf
+  'blocks_3/attn/qkv/kernel' does not match its saved checksum; moved it to
+  W/corrupt_checkpoints/4; resuming from the previous checkpoint 2`), moved
+  aside, and the newest intact step is used; if it was the only step the
+  run stops instead of starting afresh. `mae_jax.load` refuses a corrupt
+  step naming the leaf and the other steps (`load(path, step=N)`).
+  Cost (`benchmarks/results/checksum_cost.md`, 2-core CPU): 3.7 s for the
+  ViT-B state (1.25 GiB), 10.4 s for ViT-L (3.7 GiB) per checkpoint, more
+  than the save itself; not yet measured on an accelerator, where it is a
+  memory-bandwidth-bound reduction.
+- **Every task**: pretraining, fine-tuning and linear probing run the same
+  loop (`mae_jax/train/loop.py`), so each guarantee above holds for all
+  three; `tests/test_faults_every_task.py` runs the faults for each task
+  through `train.py`.
 - **Config and CLI mistakes** (`test_cli_mistakes_are_one_line`,
   `tests/test_train_loop.py::test_bad_config_is_rejected_naming_the_field`):
   invalid values, unknown `--config.x` keys, malformed values and unknown
@@ -280,11 +308,13 @@ def bad_images_table(work):
   read by the folder source and, as the records of a mocked TFDS split (an
   unreadable file as an empty record), by the TFDS path."""
   import logging
-  from tests.test_reliability import (MOCK_ID, bad_records, make_bad_folder,
-                                      mock_tfds_split)
+  from tests.helpers import (MOCK_ID, bad_records, make_bad_folder,
+                             mock_tfds_split)
+  from mae_jax import schema
   from mae_jax.data import pipeline, sources
   data_dir, kinds = make_bad_folder(os.path.join(work, 'bad_images'))
-  cfg = dict(name='folder', data_dir=data_dir, image_size=32)
+  defaults = schema.config('pretrain').data.to_dict()
+  cfg = dict(defaults, name='folder', data_dir=data_dir, image_size=32)
   t0 = time.time()
   n = pipeline.num_examples(cfg)
   took = time.time() - t0
@@ -303,7 +333,7 @@ def bad_images_table(work):
   logging.getLogger('absl').addHandler(skips)
   try:
     with mock_tfds_split(bad_records(data_dir, kinds)):
-      tfds_cfg = dict(name='imagenet2012', image_size=32)
+      tfds_cfg = dict(defaults, name='imagenet2012', image_size=32)
       tfds_batch = next(pipeline.make_iterator(tfds_cfg, len(kinds), seed=0))
   finally:
     logging.getLogger('absl').removeHandler(skips)

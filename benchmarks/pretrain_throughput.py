@@ -3,7 +3,7 @@
   python benchmarks/pretrain_throughput.py --model mae_vit_base_patch16 \
       --batch 16 --dtype float32 --steps 5 [--torch-peer] [--out r.jsonl]
 
-Times the full jitted train step of mae_jax.trainer (forward, backward,
+Times the full jitted update of mae_jax.train.pretrain (forward, backward,
 AdamW update, buffers donated) on synthetic batches after warm-up; prints
 compile time, median step time, img/s, achieved TFLOP/s and MFU, and peak
 device memory where the backend reports it (the process's peak, so with
@@ -35,9 +35,10 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from configs import pretrain  # noqa: E402
-from mae_jax import MAE_CONFIGS, sharding, trainer  # noqa: E402
-from mae_jax.config_check import ATTENTION  # noqa: E402
+from configs import pretrain as pretrain_config  # noqa: E402
+from mae_jax import MAE_CONFIGS  # noqa: E402
+from mae_jax.train import pretrain, sharding  # noqa: E402
+from mae_jax.schema import ATTENTION  # noqa: E402
 
 # Dense peak TFLOP/s by device kind and dtype (vendor figures).
 PEAK_TFLOPS = {('H100', 'bfloat16'): 989.0, ('H100', 'float32'): 494.7,
@@ -68,33 +69,34 @@ def peak_tflops(dtype):
   return None
 
 
+def step_config(args, **fields):
+  """The 'base' pretraining config at args.model / dtype / batch /
+  image_size, 1000 steps on the embedded photos, with `fields` set."""
+  config = pretrain_config.get_config('base')
+  config.update_from_flattened_dict({
+      'model': args.model, 'dtype': args.dtype, 'batch_size': args.batch,
+      'total_steps': 1000, 'warmup_steps': 10, 'data.name': 'embedded',
+      'data.image_size': args.image_size, **fields})
+  return config
+
+
 def build_step(args, attention='default', fuse=True):
   """(compiled train step, state, images, compile seconds) of mae_jax's
   pretraining step for args.model / batch / dtype / image_size / remat,
   on all devices (data parallel), with a synthetic batch."""
-  config = pretrain.get_config('base')
-  with config.unlocked():
-    config.model = args.model
-    config.dtype = args.dtype
-    config.batch_size = args.batch
-    config.total_steps, config.warmup_steps = 1000, 10
-    config.data.name = 'embedded'
-    config.data.image_size = args.image_size
-    config.attention = attention
-    config.remat = getattr(args, 'remat', False)
-    config.fuse_patch_gather = fuse
+  config = step_config(args, attention=attention,
+                       remat=getattr(args, 'remat', False),
+                       fuse_patch_gather=fuse)
   devices = jax.devices()
   mesh = sharding.make_mesh((len(devices), 1), devices)
-  t = trainer.Trainer(config, '/unused', mesh)
-  t.setup(steps_per_epoch=100)
+  t = pretrain.PretrainTask(config, mesh)
   state = t.init_state()
-  images = jax.device_put(
+  images = {'image': jax.device_put(
       jax.random.normal(jax.random.key(0),
-                        (args.batch, args.image_size, args.image_size, 3)),
-      sharding.batch_sharding(mesh))
+                        (1, args.batch, args.image_size, args.image_size, 3)),
+      sharding.batch_sharding(mesh, stacked=True))}
   start = time.perf_counter()
-  compiled = t.train_step.lower(state, images, jnp.int32(0),
-                                jnp.int32(0)).compile()
+  compiled = t.update.lower(state, images, jnp.int32(0)).compile()
   return compiled, state, images, time.perf_counter() - start
 
 
@@ -124,7 +126,7 @@ class JaxStep:
 
   def __call__(self):
     self.state, metrics = self.compiled(self.state, self.images,
-                                        jnp.int32(self.step), jnp.int32(0))
+                                        jnp.int32(self.step))
     self.loss = float(jax.block_until_ready(metrics['loss']))
     self.step += 1
 

@@ -4,7 +4,7 @@
       [--dtype float32] [--attention default] [--steps 3] [--out p.json]
 
 A jax.profiler trace of the compiled train step, its op times summed by
-kind. Runs the real jitted train step of mae_jax.trainer (as
+kind. Runs the real jitted train step of mae_jax.train.pretrain (as
 benchmarks/pretrain_throughput.py does) on a synthetic batch, traces
 --steps steps after two warm-up steps, and classifies every XLA op of the
 trace by what its HLO computes: matmuls (dot, alone or fused), attention
@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.pretrain_throughput import (add_step_args, build_step,  # noqa: E402
                                             torch_step)
-from mae_jax.config_check import ATTENTION  # noqa: E402
+from mae_jax.schema import ATTENTION  # noqa: E402
 
 # The PyTorch peer's ops by group: first match on the aten op's name wins.
 TORCH_GROUPS = (('matmul', r'^aten::(mm|addmm|bmm|matmul|linear)$'),
@@ -167,16 +167,15 @@ def main():
   args = parser.parse_args()
 
   compiled, state, images, _ = build_step(args, args.attention)
-  micro = jnp.int32(0)
   hlo_text = compiled.as_text()
   kinds, sources = hlo_kinds(hlo_text), hlo_sources(hlo_text)
   for i in range(2):
-    state, metrics = compiled(state, images, jnp.int32(i), micro)
+    state, metrics = compiled(state, images, jnp.int32(i))
   jax.block_until_ready(metrics)
   with tempfile.TemporaryDirectory() as tmp:
     jax.profiler.start_trace(tmp, create_perfetto_trace=True)
     for i in range(args.steps):
-      state, metrics = compiled(state, images, jnp.int32(i), micro)
+      state, metrics = compiled(state, images, jnp.int32(i))
       jax.block_until_ready(metrics)
     jax.profiler.stop_trace()
     path = glob.glob(os.path.join(tmp, '**', '*.trace.json.gz'),

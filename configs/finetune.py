@@ -4,6 +4,7 @@ The fine-tuning recipe of He et al. 2021 (appendix A.1, Table 9; the official co
 main_finetune.py): AdamW, layer-wise lr decay, mixup 0.8 / cutmix 1.0,
 label smoothing 0.1, RandAugment, random erasing; base blr 5e-4, layer decay
 0.65, 100 epochs; large/huge blr 1e-3, layer decay 0.75, 50 epochs.
+Fields and their defaults (the base recipe): mae_jax/schema.py.
 """
 from configs.common import classifier_config
 
@@ -12,11 +13,11 @@ RECIPES = {
     # cutmix 1.0 at blr 1e-3, 300 updates on the 20-photo task left the loss
     # near ln(20) and reached 30% top-1 (docs/DOWNSTREAM.md).
     'tiny': dict(blr=4e-3, layer_decay=0.75, mixup=0.0, cutmix=0.0),
-    'base': dict(blr=5e-4, layer_decay=0.65, epochs=100, drop_path=0.1),
+    'base': dict(),
     'large': dict(blr=1e-3, layer_decay=0.75, epochs=50, drop_path=0.2),
     'huge': dict(blr=1e-3, layer_decay=0.75, epochs=50, drop_path=0.3),
 }
 
 
 def get_config(arg='tiny'):
-  return classifier_config('finetune', arg, RECIPES.get(arg, {}))
+  return classifier_config('finetune', arg, RECIPES)

@@ -1,8 +1,10 @@
-"""mae_jax checkpoints: an orbax CheckpointManager root with two items.
+"""mae_jax checkpoints: an orbax CheckpointManager root with three items.
 
-`params` holds the parameter tree and `model` the module
+`params` holds the parameter tree, `model` the module
 description {"class": ..., "fields": {...}} (JsonSave), so `load` rebuilds the
-module without the caller naming it. Converted files are saved at step 0.
+module without the caller naming it, and `checksums` (JsonSave)
+{"params": {leaf name: checksum}} (mae_jax.checksums; training checkpoints
+add one entry per saved state item). Converted files are saved at step 0.
 `params` is written uncompressed by orbax's PyTree handler: the layout that
 StandardSave writes and StandardRestore reads, but without zstd, which gains
 little on float32 weights and doubled the peak memory of a conversion.
@@ -14,6 +16,12 @@ checkpoints written before it existed) means the unrolled 'blocks_{i}'
 layout, True the stacked 'blocks' layout of nn.scan. `load(path,
 scan_blocks=...)` converts to the layout asked for, so any checkpoint loads
 into either kind of model; see mae_jax.models.scan_layout.
+
+Checksums: `load` verifies the restored parameters against the step's
+`checksums` item, before any conversion, and refuses a step whose data
+changed since it was written (CorruptCheckpointError naming the leaf).
+Steps written before checksums existed have no such item and load
+unchecked.
 
 Input geometry: `load(path, img_size=..., in_chans=...)` gives the model at
 another image size or channel count (see `to_geometry`).
@@ -31,10 +39,11 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from mae_jax import paths
+from mae_jax.checksums import numpy_tree_checksums, verify
 from mae_jax.models import (MaskedAutoencoder, VisionTransformer,
                             model_input_shape, to_layout)
 from mae_jax.models.pos_embed import resize_grid
-from mae_jax.torch_io import CheckpointError
+from mae_jax.errors import CheckpointError
 
 MODEL_CLASSES = {cls.__name__: cls
                  for cls in (MaskedAutoencoder, VisionTransformer)}
@@ -63,6 +72,12 @@ def build_model(description, **overrides):
 
 def abstract_params(model):
   """ShapeDtypeStruct tree of the model's parameters (nothing allocated)."""
+  return abstract_variables(model)['params']
+
+
+def abstract_variables(model):
+  """ShapeDtypeStruct trees of all the model's variable collections
+  ({'params': ...} and, for a linear probe, 'batch_stats')."""
   imgs = jax.ShapeDtypeStruct((1, *model_input_shape(model)), np.float32)
   if isinstance(model, MaskedAutoencoder):
     noise = jax.ShapeDtypeStruct((1, model.num_patches), np.float32)
@@ -70,7 +85,7 @@ def abstract_params(model):
     shapes = jax.eval_shape(init, jax.random.key(0), imgs, noise)
   else:
     shapes = jax.eval_shape(model.init, jax.random.key(0), imgs)
-  return shapes['params']
+  return dict(shapes)
 
 
 def save(directory, model, variables, step=0):
@@ -100,12 +115,15 @@ def save(directory, model, variables, step=0):
   done = False
   try:
     handlers = {'params': ocp.PyTreeCheckpointHandler(use_compression=False),
-                'model': ocp.JsonCheckpointHandler()}
+                'model': ocp.JsonCheckpointHandler(),
+                'checksums': ocp.JsonCheckpointHandler()}
     with ocp.CheckpointManager(target, options=options,
                                item_handlers=handlers) as mngr:
       mngr.save(step, args=ocp.args.Composite(
           params=ocp.args.PyTreeSave(params),
-          model=ocp.args.JsonSave(model_description(model))))
+          model=ocp.args.JsonSave(model_description(model)),
+          checksums=ocp.args.JsonSave(
+              {'params': numpy_tree_checksums(params)})))
     if not in_place:
       target.rename(directory)
     done = True
@@ -127,6 +145,17 @@ def _root(path):
   return sub if sub.is_dir() else path
 
 
+def read_checksums(mngr, step):
+  """The `checksums` item of `step` ({item: {leaf name: checksum}}) through
+  the orbax CheckpointManager `mngr`, or None when the step has none (it
+  was written before checksums were). `mngr` must know the item: created
+  without item_names, or with 'checksums' among them."""
+  if not (mngr.directory / str(step) / 'checksums').exists():
+    return None
+  return mngr.restore(step, args=ocp.args.Composite(
+      checksums=ocp.args.JsonRestore()))['checksums']
+
+
 def is_checkpoint(path):
   """True when `path` (or path/checkpoints) holds a step with a model item."""
   try:
@@ -138,7 +167,9 @@ def is_checkpoint(path):
 
 
 def load(path, step=None, adapt_in_chans=False, **overrides):
-  """Restores (model, {'params': tree of NumPy arrays}) from `path`.
+  """Restores (model, variables) from `path`: {'params': tree of NumPy
+  arrays}, plus 'batch_stats' (the head's BatchNorm statistics) from a
+  linear-probing workdir, so that `model.apply(variables, images)` runs.
 
   `path` is an orbax root written by `save` or a training workdir whose
   `checkpoints/` is one; the newest step is used unless `step` is given.
@@ -147,7 +178,8 @@ def load(path, step=None, adapt_in_chans=False, **overrides):
   (the default is the layout the checkpoint was written in).
   img_size= and in_chans= give the model at another input geometry; the
   parameters follow as `to_geometry` describes (another channel count only
-  with adapt_in_chans=True).
+  with adapt_in_chans=True). A step whose parameters do not match the
+  checksums saved with them raises CorruptCheckpointError naming the leaf.
   """
   root = _root(path)
   path = os.fspath(path)
@@ -158,7 +190,8 @@ def load(path, step=None, adapt_in_chans=False, **overrides):
               if k in overrides}
   options = ocp.CheckpointManagerOptions(create=False)
   with ocp.CheckpointManager(root, options=options,
-                             item_names=('params', 'model')) as mngr:
+                             item_names=('params', 'model', 'checksums',
+                                         'batch_stats')) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'{path}: no finished checkpoint step')
@@ -177,6 +210,13 @@ def load(path, step=None, adapt_in_chans=False, **overrides):
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise CheckpointError(f'{path}: parameters do not match '
                             f'{description["class"]}: {e}') from None
+    variables = {'params': params, **_restore_batch_stats(mngr, step, model)}
+    saved = read_checksums(mngr, step)
+    if saved is not None:
+      verify(saved, {k: numpy_tree_checksums(v) for k, v in variables.items()},
+             f'{path}: checkpoint step {step}',
+             f'; load another step with load(path, step=N) (steps: '
+             f'{sorted(mngr.all_steps())})')
   _check_shapes(path, expected, params)
   if geometry:
     try:
@@ -191,7 +231,22 @@ def load(path, step=None, adapt_in_chans=False, **overrides):
   if scan != stored_scan:
     params = to_layout(params, scan)
     model = model.clone(scan_blocks=scan)
-  return model, {'params': params}
+  return model, {**variables, 'params': params}
+
+
+def _restore_batch_stats(mngr, step, model):
+  """{'batch_stats': NumPy tree} of a linear-probing checkpoint (its head's
+  BatchNorm statistics), or {} when `model` has none or the step lacks
+  them."""
+  expected = abstract_variables(model).get('batch_stats')
+  if expected is None or not (mngr.directory / str(step) /
+                              'batch_stats').exists():
+    return {}
+  restore_args = jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), expected)
+  return {'batch_stats': mngr.restore(step, args=ocp.args.Composite(
+      batch_stats=ocp.args.PyTreeRestore(
+          item=expected, restore_args=restore_args)))['batch_stats']}
 
 
 # -------------------------------------------------------- input geometry

@@ -13,6 +13,7 @@ either:
     DataError (ValueError)                a data source holds unusable data
       ImageError                          an image file or folder is unusable
     CheckpointError (ValueError)          a checkpoint file or dir is unusable
+      CorruptCheckpointError              its data does not match its checksums
     WorkdirLocked (RuntimeError)          another run holds the workdir
     CheckpointSaveError (OSError)         writing a checkpoint failed
     NonFiniteError (FloatingPointError)   loss or gradient norm is NaN or Inf
@@ -39,6 +40,10 @@ class ImageError(DataError):
 
 class CheckpointError(MaeJaxError, ValueError):
   """A user-facing problem with a checkpoint file or directory."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint's data does not match the checksums saved with it."""
 
 
 class WorkdirLocked(MaeJaxError, RuntimeError):

@@ -9,18 +9,22 @@ file. Paths may be relative, absolute or object-store URIs
 (mae_jax.paths.resolve).
 """
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mae_jax import config_check, embedded, paths
+from mae_jax import embedded, paths
 from mae_jax.errors import ImageError
 from mae_jax.models.geometry import image_hw
 
-IMAGENET_MEAN = np.array(config_check.IMAGENET_MEAN, np.float32)
-IMAGENET_STD = np.array(config_check.IMAGENET_STD, np.float32)
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff',
-                    '.webp')
+# ImageNet statistics of [0, 1] RGB pixels: the default mean / std.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Image files by name: the formats both PIL and the training input's decoder
+# (tf.io.decode_image) read.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
+MAX_PIXELS = 89_478_485  # larger images are refused (PIL's MAX_IMAGE_PIXELS)
 DEFAULT_IMAGE = 'chelsea.png'  # the embedded photo used without --image
 
 
@@ -102,13 +106,19 @@ def load_image(path, size, warn=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
   if file.is_dir():
     raise ImageError(f'{path}: is a folder, not an image file')
   try:
-    with file.open('rb') as f, Image.open(f) as img:
-      img.load()
-      rgb = to_rgb(img)
+    # sizes above MAX_PIXELS are refused below: PIL need not warn of them
+    with warnings.catch_warnings(
+        action='ignore', category=Image.DecompressionBombWarning), \
+        file.open('rb') as f, Image.open(f) as img:
+      rgb = None if img.width * img.height > MAX_PIXELS else to_rgb(img)
+      size_text = f'{img.width}x{img.height}'
   except UnidentifiedImageError:
     raise ImageError(f'{path}: not an image file PIL can read') from None
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ImageError(f'{path}: cannot decode image ({e})') from None
+  if rgb is None:
+    raise ImageError(f'{path}: too large: {size_text} is more than '
+                     f'MAX_PIXELS={MAX_PIXELS} pixels')
   if min(rgb.size) < 1:
     raise ImageError(f'{path}: image has no pixels ({rgb.size[0]}x'
                      f'{rgb.size[1]})')

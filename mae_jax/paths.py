@@ -25,3 +25,34 @@ def resolve(path):
   if is_uri(path):
     return epath.Path(path)
   return epath.Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def shown(path):
+  """`path` for messages: relative to the current directory when it lies
+  below it, else as it is (absolute, or a URI)."""
+  text = os.fspath(path)
+  if is_uri(text):
+    return text
+  rel = os.path.relpath(text)
+  return text if rel.startswith(os.pardir) else rel
+
+
+def write_atomic(path, data):
+  """Writes `data` (bytes, a bytes-like buffer, or str as UTF-8) to `path`
+  so that readers see the old file or the whole new one: a local file is
+  written to a temporary sibling `.{name}.tmp-{pid}` and renamed over
+  `path`; a URI is written directly (an object store replaces an object in
+  one write). Returns resolve(path)."""
+  path = resolve(path)
+  if isinstance(data, str):
+    data = data.encode('utf-8')
+  if is_uri(path):
+    path.write_bytes(data)
+    return path
+  tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'
+  try:
+    tmp.write_bytes(data)
+    tmp.replace(path)
+  finally:
+    tmp.unlink(missing_ok=True)
+  return path

@@ -137,19 +137,10 @@ def read_state_dict(path):
 
 
 def write_pth(path, state_dict):
-  """Atomically writes {'model': state_dict} (torch tensors) to `path`:
-  a local file through a temporary sibling and a rename; for a URI the
-  bytes are made in memory first and uploaded in one write."""
+  """Writes {'model': state_dict} (torch tensors) to `path` with
+  `paths.write_atomic`: the bytes are made in memory, then a local file is
+  replaced through a temporary sibling and a URI uploaded in one write."""
   torch = _torch('writing .pth files')
-  path = paths.resolve(path)
-  if paths.is_uri(path):
-    buffer = io.BytesIO()
-    torch.save({MODEL_KEY: state_dict}, buffer)
-    path.write_bytes(buffer.getvalue())
-    return
-  tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'
-  try:
-    torch.save({MODEL_KEY: state_dict}, os.fspath(tmp))
-    tmp.replace(path)
-  finally:
-    tmp.unlink(missing_ok=True)
+  buffer = io.BytesIO()
+  torch.save({MODEL_KEY: state_dict}, buffer)
+  paths.write_atomic(path, buffer.getbuffer())

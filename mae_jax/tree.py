@@ -2,9 +2,18 @@
 import jax
 
 
+def _key_name(key):
+  """A dict key, sequence index or attribute name (optax states are named
+  tuples: '0/mu/blocks_0/...')."""
+  for field in ('key', 'idx', 'name'):
+    if hasattr(key, field):
+      return str(getattr(key, field))
+  return str(key)
+
+
 def path_name(path):
   """'/'-joined key path of a leaf, as given by tree_map_with_path."""
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+  return '/'.join(_key_name(k) for k in path)
 
 
 def map_with_name(fn, tree):

@@ -1,16 +1,12 @@
-"""Reconstruction figures: original, masked, reconstruction, and
-reconstruction with the visible patches pasted back.
-
-The figure code is shared by the training loop, the notebook and the
-command line:
+"""Reconstruction figures of a checkpoint, from the command line:
 
   python -m mae_jax.visualize --checkpoint PATH [--image FILE_OR_FOLDER]
       [--mask-ratio 0.75 | --sweep 0.5,0.75,0.9] [--seed 0] [--out fig.png]
       [--norm-pix-loss | --no-norm-pix-loss]
 
 PATH is a mae_jax checkpoint directory, a training workdir, or an official
-.pth / .pt / .safetensors file (converted in memory). Figures are drawn on a
-standalone matplotlib Figure (no pyplot, no global backend).
+.pth / .pt / .safetensors file (converted in memory). The figures are drawn
+by mae_jax.figures.
 
 Masks: each image's mask noise is drawn from fold_in(key(seed), crc32 of the
 image's normalised pixels), so an image gets the same mask whatever else is
@@ -18,7 +14,6 @@ in the batch or folder and wherever it sits there.
 """
 import argparse
 import functools
-import io
 import os
 import sys
 import zlib
@@ -29,109 +24,12 @@ import numpy as np
 
 from mae_jax import checkpoint, extras, images, paths
 from mae_jax.errors import CheckpointError, ConfigError, MaeJaxError
-from mae_jax.images import IMAGENET_MEAN, IMAGENET_STD
+from mae_jax.figures import figure_png, reconstruction_figure
 from mae_jax.models import MaskedAutoencoder
-from mae_jax.models.mae import normalize_patches
+from mae_jax.models.mae import masked_patch_loss
 from mae_jax.models.masking import num_kept
-from mae_jax.models.patches import patchify, unpatchify
 
 WEIGHT_EXTENSIONS = ('.pth', '.pt', '.safetensors')
-PANEL_INCHES = 3  # each panel is PANEL_INCHES square
-DPI = 80          # so a figure is 4 * 240 px wide and 240 px per row
-
-
-def reconstruction_panels(imgs, pred, mask, patch_size, norm_pix_loss,
-                          mean=None, std=None):
-  """Four (N, H, W, 3) arrays in [0, 1] from normalised NHWC images of C
-  channels, predictions (N, L, p*p*C) and mask (N, L) (1 = removed).
-
-  A norm-pix model predicts normalised patches; each predicted patch is
-  mapped back with the mean and (unbiased) variance of its target patch.
-  Pixels are de-normalised as x * std + mean with per-channel `mean` and
-  `std` (length C or scalars); by default the ImageNet RGB statistics for
-  C = 3 and 0 and 1 otherwise (images shown as they are, clipped to
-  [0, 1]). C >= 3 shows the first three channels as RGB; C = 1 or 2 shows
-  the first channel as gray.
-  """
-  imgs = np.asarray(imgs, np.float32)
-  pred = np.asarray(pred, np.float32)
-  mask = np.asarray(mask, np.float32)[..., None]
-  n, h, w, c = imgs.shape
-  if mean is None and std is None and c == 3:
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-  mean = np.broadcast_to(np.asarray(0.0 if mean is None else mean,
-                                    np.float32), (c,))
-  std = np.broadcast_to(np.asarray(1.0 if std is None else std,
-                                   np.float32), (c,))
-  p = patch_size
-  if norm_pix_loss:
-    target = np.asarray(patchify(imgs, p))
-    patch_mean = target.mean(-1, keepdims=True)
-    patch_std = np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
-    pred = pred * patch_std + patch_mean
-  grid = (h // p, w // p)
-  recon = np.asarray(unpatchify(pred, p, grid, channels=c))
-  mask_img = np.asarray(unpatchify(np.repeat(mask, p * p * c, axis=-1), p,
-                                   grid, channels=c))[..., :1]
-
-  def to_rgb(x):
-    x = np.clip(x * std + mean, 0, 1)
-    return x[..., :3] if c >= 3 else np.repeat(x[..., :1], 3, axis=-1)
-  original = to_rgb(imgs)
-  masked = original * (1 - mask_img) + 0.5 * mask_img
-  recon_rgb = to_rgb(recon)
-  pasted = original * (1 - mask_img) + recon_rgb * mask_img
-  return original, masked, recon_rgb, pasted
-
-
-def reconstruction_figure(imgs, pred, mask, patch_size, norm_pix_loss,
-                          title=None, row_labels=None, mean=None, std=None):
-  """A matplotlib Figure, one row per image and four titled panels per row;
-  (4 * PANEL_INCHES, rows * PANEL_INCHES) inches. `mean`/`std` as in
-  `reconstruction_panels`."""
-  figure = extras.require('matplotlib.figure', 'viz', 'reconstruction figures')
-  panels = reconstruction_panels(imgs, pred, mask, patch_size, norm_pix_loss,
-                                 mean, std)
-  titles = ['original', 'masked',
-            'reconstruction' + (' (norm-pix, de-normalised)'
-                                if norm_pix_loss else ''),
-            'reconstruction + visible']
-  rows = panels[0].shape[0]
-  fig = figure.Figure(figsize=(4 * PANEL_INCHES, PANEL_INCHES * rows))
-  axes = fig.subplots(rows, 4, squeeze=False)
-  for r in range(rows):
-    for c in range(4):
-      ax = axes[r, c]
-      ax.imshow(panels[c][r])
-      ax.set_xticks([])
-      ax.set_yticks([])
-      if r == 0:
-        ax.set_title(titles[c], fontsize=10)
-    if row_labels is not None:
-      axes[r, 0].set_ylabel(row_labels[r], fontsize=9)
-  top = 1 - 0.3 / (PANEL_INCHES * rows) if title else 1
-  fig.tight_layout(rect=(0, 0, 1, top))
-  if title:
-    fig.suptitle(title, fontsize=10)
-  return fig
-
-
-def save_reconstruction_figure(path, imgs, pred, mask, patch_size,
-                               norm_pix_loss, title=None, row_labels=None,
-                               mean=None, std=None):
-  """Writes the `reconstruction_figure` as a PNG at DPI to `path` (a local
-  path or a binary file object); returns `path`."""
-  fig = reconstruction_figure(imgs, pred, mask, patch_size, norm_pix_loss,
-                              title, row_labels, mean, std)
-  fig.savefig(path, format='png', dpi=DPI)
-  return path
-
-
-def figure_png(fig):
-  """PNG bytes of a figure at DPI (e.g. for IPython.display.Image)."""
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png', dpi=DPI)
-  return buf.getvalue()
 
 
 def _load(path, norm_pix_loss=None):
@@ -172,11 +70,8 @@ def _forward(model, params, imgs, noise, mask_ratio):
   """pred (N, L, p*p*3), mask (N, L), per-image masked-patch MSE (N,)."""
   _, pred, mask = model.apply({'params': params}, imgs, mask_ratio=mask_ratio,
                               noise=noise)
-  target = patchify(imgs, model.patch_size)
-  if model.norm_pix_loss:
-    target = normalize_patches(target)
-  per_patch = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)
-  return pred, mask, jnp.sum(per_patch * mask, -1) / jnp.sum(mask, -1)
+  return pred, mask, masked_patch_loss(imgs, pred, mask, model.patch_size,
+                                       model.norm_pix_loss, per_example=True)
 
 
 def check_mask_ratio(model, mask_ratio):
@@ -255,9 +150,8 @@ def visualize(checkpoint_path, image=None, mask_ratios=(0.75,), seed=0,
                               model.patch_size, model.norm_pix_loss,
                               figure_title(model, checkpoint_path, seed, where),
                               labels)
-  target = paths.resolve(out)  # local path or URI
-  target.parent.mkdir(parents=True, exist_ok=True)
-  target.write_bytes(figure_png(fig))
+  paths.resolve(out).parent.mkdir(parents=True, exist_ok=True)
+  paths.write_atomic(out, figure_png(fig))
   return out, rows, (model.norm_pix_loss, where)
 
 

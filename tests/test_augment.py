@@ -9,6 +9,7 @@ import pytest
 tf = pytest.importorskip('tensorflow')
 from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 
+from mae_jax import images, schema  # noqa: E402
 from mae_jax.data import augment, pipeline  # noqa: E402
 from mae_jax.data import randaugment as ra  # noqa: E402
 
@@ -202,7 +203,8 @@ def test_eval_transform_matches_pil(image_name):
     image = _photo(image_name)
   for size in (224, 97, 33):
     out = augment.eval_transform(image, size).numpy()
-    pixels = out * np.array(augment.STD_RGB) + np.array(augment.MEAN_RGB)
+    pixels = (out * np.array(images.IMAGENET_STD)
+              + np.array(images.IMAGENET_MEAN))
     assert np.abs(pixels - _pil_eval(image, size)).max() <= 1 / 255
 
 
@@ -216,7 +218,7 @@ def test_resize_window_and_upsampling():
 
 
 @pytest.mark.parametrize('size, mean, std', [
-    (32, augment.MEAN_RGB, augment.STD_RGB),
+    (32, images.IMAGENET_MEAN, images.IMAGENET_STD),
     ((32, 24), (0.5,), (0.25,)),  # (H, W), grayscale
 ])
 def test_pretrain_jpeg_path_matches_decoded(size, mean, std):
@@ -235,12 +237,18 @@ def test_pretrain_jpeg_path_matches_decoded(size, mean, std):
       assert far.mean() < 0.05
 
 
+def _data(**values):
+  """The data config of the embedded photos, one copy each, with `values`."""
+  return schema.config('pretrain', data=dict(name='embedded', split='all',
+                                             repeats=1, **values)).data
+
+
 @pytest.mark.parametrize('name', ['finetune', 'linprobe'])
 @pytest.mark.parametrize('size, channels, shape', [
     (32, 3, (32, 32, 3)), ((32, 48), 1, (32, 48, 1))])
 def test_pipeline_augment_field(name, size, channels, shape):
-  cfg = dict(name='embedded', image_size=size, repeats=1, augment=name,
-             channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
+  cfg = _data(image_size=size, augment=name, channels=channels,
+               mean=(0.5,) * channels, std=(0.5,) * channels)
   batch = next(pipeline.make_iterator(cfg, 8, seed=0))
   assert batch['image'].shape == (8, *shape)
   assert batch['image'].dtype == np.float32
@@ -248,6 +256,6 @@ def test_pipeline_augment_field(name, size, channels, shape):
 
 
 def test_unknown_augment_name():
-  cfg = dict(name='embedded', image_size=32, repeats=1, augment='mixup')
+  cfg = _data(image_size=32, augment='mixup')
   with pytest.raises(ValueError, match="'mixup'.*'pretrain'.*'linprobe'"):
     pipeline.make_iterator(cfg, 8, seed=0)

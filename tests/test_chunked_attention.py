@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax import trainer
+from mae_jax.train.task import attention_impl
 from mae_jax.models import create_model, layers
 from mae_jax.models.chunked_attention import chunk_size, chunked_attention
 
@@ -114,8 +114,8 @@ def test_gelu_erf_form_equals_jax_exact_gelu():
 
 
 def test_default_attention_is_chunked_on_cpu_only():
-  assert trainer.attention_impl('default', 'cpu') == 'chunked'
-  assert trainer.attention_impl('default', 'gpu') is None
-  assert trainer.attention_impl('default', 'tpu') is None
-  assert trainer.attention_impl('cudnn', 'cpu') == 'cudnn'
-  assert trainer.attention_impl('xla', 'cpu') == 'xla'
+  assert attention_impl('default', 'cpu') == 'chunked'
+  assert attention_impl('default', 'gpu') is None
+  assert attention_impl('default', 'tpu') is None
+  assert attention_impl('cudnn', 'cpu') == 'cudnn'
+  assert attention_impl('xla', 'cpu') == 'xla'

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from configs import common, pretrain
-from mae_jax import (config_check, errors, extras, failed_saves, images,
-                     monitor, torch_io, trainer, workdir)
+from mae_jax import errors, extras, images, schema, torch_io
+from mae_jax.train import checkpoints, monitor, workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, 'train.py')
@@ -67,7 +67,7 @@ def test_help_lists_the_config_variants_and_where_fields_are_documented():
   assert '--config.FIELD=VALUE' in text
 
 
-# train.main with trainer.train replaced by one that raises `error`.
+# train.main with pretrain.train replaced by one that raises `error`.
 RAISING_RUN = '''
 import sys
 sys.path.insert(0, {root!r})
@@ -75,15 +75,15 @@ sys.argv = ['train.py', '--config', 'configs/pretrain.py:tiny',
             '--workdir', {workdir!r}]
 import train
 from absl import app
-from mae_jax import trainer
-from mae_jax.config_check import ConfigError
+from mae_jax.train import pretrain
+from mae_jax.errors import ConfigError
 from mae_jax.errors import DataError
-from mae_jax.monitor import NonFiniteError
+from mae_jax.train.monitor import NonFiniteError
 
 def run(config, workdir):
   raise {error}
 
-trainer.train = run
+pretrain.train = run
 app.run(train.main, flags_parser=train.parse_flags)
 '''
 
@@ -129,12 +129,11 @@ def test_every_project_error_is_a_mae_jax_error_at_its_old_names_too():
              if isinstance(c, type) and c.__module__ == errors.__name__]
   assert len(classes) >= 9  # MaeJaxError and the eight below
   assert all(issubclass(c, errors.MaeJaxError) for c in classes)
-  assert config_check.ConfigError is errors.ConfigError
+  assert schema.ConfigError is errors.ConfigError
   assert torch_io.CheckpointError is errors.CheckpointError
   assert images.ImageError is errors.ImageError
   assert workdir.WorkdirLocked is errors.WorkdirLocked
-  assert failed_saves.CheckpointSaveError is errors.CheckpointSaveError
-  assert trainer.CheckpointSaveError is errors.CheckpointSaveError
+  assert checkpoints.CheckpointSaveError is errors.CheckpointSaveError
   assert monitor.NonFiniteError is errors.NonFiniteError
   assert extras.MissingExtraError is errors.MissingExtraError
   # The built-in bases stay, so `except ValueError` and the like still work.

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from configs import finetune, linprobe
-from mae_jax import classify
+from mae_jax.train import classify
 
 tf = pytest.importorskip('tensorflow')
-from mae_jax.data import pipeline, sources  # noqa: E402
+from mae_jax.data import sources  # noqa: E402
 
 N = len(sources.EMBEDDED_FILES)
 TILES = sources.EMBEDDED_EVAL_TILES
@@ -71,21 +71,6 @@ def test_embedded_splits_are_crops_of_the_photos():
                                                       tf.int64))
       np.testing.assert_array_equal(image, photo[top:top + h, left:left + w])
       assert int(tile_label) == k
-
-
-def test_split_context_reaches_the_pipeline_and_is_restored():
-  cfg = dict(name='embedded', image_size=32, repeats=1)
-  assert pipeline.num_examples(cfg) == N
-  with sources.embedded_split('validation'):
-    assert pipeline.num_examples(cfg) == N * TILES
-    with sources.embedded_split('train'):
-      assert pipeline.num_examples(cfg) == N
-    labels = np.concatenate([b['label'] for b in pipeline.make_iterator(
-        cfg, 20, seed=0, train=False)])
-  assert sorted(labels) == sorted(list(range(N)) * TILES)
-  assert pipeline.num_examples(cfg) == N  # back to whole photos ('all')
-  with pytest.raises(ValueError, match='test.*all, train, validation'):
-    sources.embedded(split='test')
 
 
 @pytest.mark.parametrize('module', [finetune, linprobe])

@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from configs import finetune, linprobe
-from mae_jax import classify, optim, sharding
-from mae_jax.mixup import mix_batch, smooth_one_hot
+from mae_jax.train import classify, optim, sharding
+from mae_jax.train.mixup import mix_batch, smooth_one_hot
 from mae_jax.models import create_model
 from mae_jax.tree import map_with_name
 
@@ -121,17 +121,16 @@ def test_label_smoothing_values():
 def _finetune_update(mesh_shape, probe=False):
   config = (linprobe if probe else finetune).get_config('tiny')
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:math.prod(mesh_shape)])
-  t = classify.ClassifierTrainer(config, num_classes=20, mesh=mesh)
-  t.setup(steps_per_epoch=10)
+  t = classify.ClassifyTask(config, mesh)
+  assert t.num_classes == 20
   state = t.init_state()
-  images = jax.random.normal(jax.random.key(1), (32, 64, 64, 3))
-  labels = jnp.arange(32) % 20
-  batch = sharding.batch_sharding(mesh)
+  images = np.asarray(jax.random.normal(jax.random.key(1), (32, 64, 64, 3)))
+  labels = np.arange(32) % 20
+  batch = sharding.global_batch(mesh, {'image': images[None],
+                                       'label': labels[None]}, stacked=True)
   # The first update runs at lr 0 (warmup starts at 0): take two.
   for step in range(2):
-    state, metrics = t.train_step(state, jax.device_put(images, batch),
-                                  jax.device_put(labels, batch),
-                                  jnp.int32(step), jnp.int32(0))
+    state, metrics = t.update(state, batch, jnp.int32(step))
   return jax.device_get(state), jax.device_get(metrics)
 
 
@@ -147,9 +146,7 @@ def test_step_on_8_devices_with_fsdp_equals_one_device(probe):
 def test_linear_probe_leaves_encoder_frozen():
   config = linprobe.get_config('tiny')
   mesh = sharding.make_mesh((1, 1), jax.devices()[:1])
-  t = classify.ClassifierTrainer(config, num_classes=20, mesh=mesh)
-  t.setup(steps_per_epoch=10)
-  before = jax.device_get(t.init_state())
+  before = jax.device_get(classify.ClassifyTask(config, mesh).init_state())
   after, _ = _finetune_update((1, 1), probe=True)
   for name, x in _flat(before['params']).items():
     changed = not np.array_equal(x, _flat(after['params'])[name])

@@ -9,7 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from configs import finetune, pretrain
-from mae_jax import config_check, images
+from mae_jax import images, schema
 from mae_jax.data import augment, pipeline
 from mae_jax.errors import ConfigError
 from tests import helpers
@@ -34,9 +34,10 @@ def _constant_folder(tmp_path):
 @pytest.mark.parametrize('augment_name', ['pretrain', 'linprobe', None])
 def test_batches_have_the_configured_shape_and_statistics(
     tmp_path, channels, mean, std, augment_name):
-  cfg = dict(name='folder', data_dir=str(_constant_folder(tmp_path)),
-             image_size=SIZE, channels=channels, mean=mean, std=std,
-             augment=augment_name or 'pretrain')
+  cfg = schema.config('pretrain', data=dict(
+      name='folder', data_dir=str(_constant_folder(tmp_path)),
+      image_size=SIZE, channels=channels, mean=mean, std=std,
+      augment=augment_name or 'pretrain')).data
   train = augment_name is not None  # None: the eval resize + center crop
   batch = next(pipeline.make_iterator(cfg, 2, seed=0, train=train))
   assert batch['image'].shape == (2, *SIZE, channels)
@@ -106,8 +107,7 @@ def test_bad_image_fields_are_named(field, value, message):
   for config in (pretrain.get_config('tiny'), finetune.get_config('tiny')):
     config.data[field] = value
     with pytest.raises(ConfigError, match='^' + re.escape(message)):
-      (config_check.check_pretrain_config if config.task == 'pretrain' else
-       config_check.check_classifier_config)(config)
+      schema.check(config)
 
 
 def test_non_square_grayscale_mae_trains_from_the_command_line(tmp_path):

@@ -14,7 +14,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 import mae_jax
-from mae_jax import checkpoint, convert, visualize
+from mae_jax import checkpoint, convert, figures
 from mae_jax.models import MAE_CONFIGS, MaskedAutoencoder, create_model
 from mae_jax.models.pos_embed import sincos_2d
 from mae_jax.torch_io import CheckpointError
@@ -281,7 +281,7 @@ def test_one_channel_reconstruction_panels_are_gray_rgb_images():
   pred = rng.normal(size=(2, 12, 8 * 8 * 1)).astype(np.float32)
   mask = np.zeros((2, 12), np.float32)
   mask[:, 0] = 1
-  panels = visualize.reconstruction_panels(imgs, pred, mask, 8, False,
+  panels = figures.reconstruction_panels(imgs, pred, mask, 8, False,
                                            mean=[0.5], std=[0.25])
   for panel in panels:
     assert panel.shape == (2, 32, 24, 3)
@@ -295,5 +295,5 @@ def test_one_channel_reconstruction_panels_are_gray_rgb_images():
   np.testing.assert_array_equal(pasted[:, :8, :8], recon[:, :8, :8])
   np.testing.assert_array_equal(pasted[:, 8:], original[:, 8:])
   # defaults for C != 3: mean 0, std 1
-  default = visualize.reconstruction_panels(imgs, pred, mask, 8, False)[0]
+  default = figures.reconstruction_panels(imgs, pred, mask, 8, False)[0]
   np.testing.assert_allclose(default[..., 0], np.clip(imgs[..., 0], 0, 1))

@@ -56,8 +56,10 @@ def _run(code, cwd=ROOT, python=sys.executable, timeout=300):
 
 def test_core_modules_import_without_tensorflow_torch_or_matplotlib():
   modules = ['mae_jax', 'mae_jax.checkpoint', 'mae_jax.convert',
-             'mae_jax.torch_io', 'mae_jax.trainer', 'mae_jax.classify',
-             'mae_jax.monitor', 'mae_jax.optim', 'mae_jax.paths']
+             'mae_jax.torch_io', 'mae_jax.train.loop',
+             'mae_jax.train.pretrain', 'mae_jax.train.classify',
+             'mae_jax.train.monitor', 'mae_jax.train.optim', 'mae_jax.paths',
+             'mae_jax.figures', 'mae_jax.schema']
   loaded = _run(f"""
 import importlib, json, sys
 out = {{}}

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import mae_jax
-from mae_jax.models.mae import masked_patch_loss, normalize_patches
+from mae_jax.models.mae import (denormalize_patches, masked_patch_loss,
+                                normalize_patches)
 from mae_jax.models.patches import patchify
 
 RNGS = {'params': jax.random.key(0), 'mask': jax.random.key(1)}
@@ -103,6 +104,29 @@ def test_norm_pix_uses_unbiased_variance():
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
   biased = (target - mean) / np.sqrt(target.var(-1, keepdims=True) + 1e-6)
   assert np.abs(out - biased).max() > 1e-3
+
+
+def test_denormalize_patches_inverts_normalize_patches():
+  target = patchify(_imgs(), 8)
+  back = denormalize_patches(normalize_patches(target), target)
+  np.testing.assert_allclose(back, target, rtol=0, atol=1e-5)
+
+
+def test_per_example_loss_is_each_images_masked_mse():
+  imgs = _imgs(n=3)
+  pred = jax.random.normal(jax.random.key(1), (3, 64, 192))
+  mask = (jax.random.uniform(jax.random.key(2), (3, 64)) > 0.4).astype(
+      jnp.float32)
+  for norm_pix in (False, True):
+    each = masked_patch_loss(imgs, pred, mask, 8, norm_pix, per_example=True)
+    assert each.shape == (3,)
+    for i in range(3):  # an image alone: its loss is its per-example value
+      alone = masked_patch_loss(imgs[i:i + 1], pred[i:i + 1], mask[i:i + 1],
+                                8, norm_pix)
+      np.testing.assert_allclose(each[i], alone, rtol=1e-6)
+    batch = masked_patch_loss(imgs, pred, mask, 8, norm_pix)
+    np.testing.assert_allclose(  # the batch loss weighs images by mask count
+        batch, np.sum(each * mask.sum(-1)) / mask.sum(), rtol=1e-6)
 
 
 def test_token_init(tiny):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from configs import pretrain
-from mae_jax import monitor as monitor_lib
-from mae_jax import sharding
-from mae_jax.monitor import Monitor
+from mae_jax.train import monitor as monitor_lib
+from mae_jax.train import sharding
+from mae_jax.train.monitor import Monitor
 
 
 class Clock:
@@ -92,7 +92,7 @@ def test_metrics_are_strict_json_and_a_restart_drops_later_records(
   for step in range(1, 5):
     m.add(_metrics(float('nan') if step == 3 else 1.0))
     m.log(step)
-  m.log_eval(4, {'top1': 50.0, 'top5': 90.0, 'count': 4})
+  m.log_eval(4, {'top1': 50.0, 'top5': 90.0, 'count': 4}, 'top-1 50.00%')
   m.close()
   records = _records(tmp_path)
   assert records[2]['loss'] is None

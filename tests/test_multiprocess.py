@@ -10,7 +10,8 @@ import time
 import jax
 import numpy as np
 
-from tests.test_train_loop import _env, _params, _steps, _train_cmd
+from tests.helpers import (checkpoint_steps, cpu_env, final_params,
+                           train_command)
 
 THREE = ['--config.total_steps=3', '--config.checkpoint_every_steps=3',
          '--config.figure_every_steps=0', '--config.mesh=(2,4)']
@@ -29,12 +30,13 @@ def _launch(workdir, logs, cache):
   compile again."""
   os.makedirs(logs)
   port = _free_port()
-  env = dict(_env(4), JAX_COMPILATION_CACHE_DIR=str(cache),
+  env = dict(cpu_env(4), JAX_COMPILATION_CACHE_DIR=str(cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   return [subprocess.Popen(
-      _train_cmd(workdir, *THREE, f'--coordinator_address=127.0.0.1:{port}',
-                 '--num_processes=2', f'--process_id={i}'),
+      train_command(workdir, *THREE,
+                    f'--coordinator_address=127.0.0.1:{port}',
+                    '--num_processes=2', f'--process_id={i}'),
       env=env, stdout=open(os.path.join(logs, f'out{i}'), 'w'),
       stderr=open(os.path.join(logs, f'err{i}'), 'w')) for i in range(2)]
 
@@ -55,7 +57,7 @@ def test_two_processes_match_single_process_across_a_preemption(tmp_path):
   save the same step and exit 0; the restart resumes there and ends equal
   to an uninterrupted single-process run."""
   single, multi = tmp_path / 'single', tmp_path / 'multi'
-  out = subprocess.run(_train_cmd(single, *THREE), env=_env(8),
+  out = subprocess.run(train_command(single, *THREE), env=cpu_env(8),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
 
@@ -72,10 +74,10 @@ def test_two_processes_match_single_process_across_a_preemption(tmp_path):
   step = int(saved[0][1])
   assert saved[1][1] == saved[0][1] and 1 <= step < 3, saved
   assert f'preempted (SIGTERM): saved step {step}/3' in texts[0][0]
-  assert _steps(multi) == [step]
+  assert checkpoint_steps(multi) == [step]
 
   logs = str(tmp_path / 'second')
   texts = _finish(_launch(multi, logs, tmp_path / 'cache'), logs)
   assert f'resuming at step {step}/3' in texts[0][0]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-               _params(multi), _params(single))
+               final_params(multi), final_params(single))

@@ -1,70 +1,27 @@
-"""Reliability: kills, preemption, NaN, bad images, workdir safety, CLI."""
-import contextlib
-import json
+"""Reliability: bad images, CLI mistakes, a non-finite micro-batch, failing
+writes, and the fault matrix (tests/test_faults_every_task.py has the faults
+of every training task: kills, preemption, NaN, a full disk, a busy
+workdir, a changed config)."""
 import os
-import struct
 import subprocess
 import sys
-import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import pretrain
-from mae_jax import checkpoint, failed_saves, trainer
-from mae_jax.config_check import ConfigError
-from mae_jax.monitor import NonFiniteError
-from mae_jax.workdir import WorkdirLock, WorkdirLocked
-from tests.test_train_loop import ROOT, _env, _train_cmd
+from mae_jax import schema
+from mae_jax.train import failure_reports, sharding
+from mae_jax.train.pretrain import PretrainTask
+from tests.helpers import (MOCK_ID, ROOT, bad_records, cpu_env,
+                           make_bad_folder, mock_tfds_split,
+                           tiny_pretrain_config, train_command)
 
-HUGE = 20000  # pixels per side of the decompression-bomb PNG
-
-
-def _png(path, width, height):
-  """Valid 8-bit grayscale PNG of zeros, written without holding it."""
-  def chunk(kind, data):
-    body = kind + data
-    return struct.pack('>I', len(data)) + body + struct.pack(
-        '>I', zlib.crc32(body))
-  z = zlib.compressobj(9)
-  row = bytes(width + 1)
-  idat = b''.join(z.compress(row) for _ in range(height)) + z.flush()
-  with open(path, 'wb') as f:
-    f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack(
-        '>IIBBBBB', width, height, 8, 0, 0, 0, 0)) + chunk(b'IDAT', idat)
-            + chunk(b'IEND', b''))
-
-
-def make_bad_folder(root):
-  """DIR/train/a/ with good and bad files; returns (DIR, {name: kind})."""
-  from PIL import Image
-  d = os.path.join(root, 'train', 'a')
-  os.makedirs(d, exist_ok=True)
-  rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8)
-  Image.fromarray(rgb).save(os.path.join(d, 'good.jpg'))
-  data = open(os.path.join(d, 'good.jpg'), 'rb').read()
-  open(os.path.join(d, 'truncated.jpg'), 'wb').write(data[:len(data) // 2])
-  Image.fromarray(rgb).convert('CMYK').save(os.path.join(d, 'cmyk.jpg'))
-  Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(
-      os.path.join(d, 'gray16.png'))
-  Image.fromarray(rgb[..., 1]).save(os.path.join(d, 'gray.jpg'))
-  Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(
-      os.path.join(d, 'rgba.png'))
-  Image.fromarray(rgb[:1, :1]).save(os.path.join(d, 'pixel.png'))
-  _png(os.path.join(d, 'huge.png'), HUGE, HUGE)
-  with open(os.path.join(d, 'text.jpg'), 'w') as f:
-    f.write('not an image\n')
-  os.symlink(os.path.join(root, 'missing.jpg'), os.path.join(d, 'broken.jpg'))
-  os.makedirs(os.path.join(d, 'directory.jpg'))
-  kinds = {'good.jpg': 'RGB JPEG', 'truncated.jpg': 'truncated JPEG',
-           'cmyk.jpg': 'CMYK JPEG', 'gray16.png': '16-bit grayscale PNG',
-           'gray.jpg': 'grayscale JPEG', 'rgba.png': 'RGBA PNG',
-           'pixel.png': '1x1 pixel', 'huge.png': f'{HUGE}x{HUGE} PNG',
-           'text.jpg': 'text file named .jpg',
-           'broken.jpg': 'unreadable (broken symlink)',
-           'directory.jpg': 'unreadable (a directory)'}
-  return root, kinds
+def data_config(**fields):
+  """The pretraining data config (every field at its default) as a dict,
+  with `fields` changed."""
+  return dict(schema.config('pretrain').data.to_dict(), **fields)
 
 
 SKIPPED = ('truncated.jpg', 'huge.png', 'text.jpg', 'broken.jpg',
@@ -80,7 +37,7 @@ def bad_folder(tmp_path_factory):
 def test_bad_images_are_converted_or_skipped_and_named(bad_folder, caplog):
   from mae_jax.data import pipeline, sources
   data_dir, kinds = bad_folder
-  cfg = dict(name='folder', data_dir=data_dir, image_size=16)
+  cfg = data_config(name='folder', data_dir=data_dir, image_size=16)
   with caplog.at_level('WARNING'):
     n = pipeline.num_examples(cfg)
   assert n == len(kinds) - len(SKIPPED)
@@ -98,36 +55,6 @@ def test_bad_images_are_converted_or_skipped_and_named(bad_folder, caplog):
   sources._folder_files.cache_clear()
   with pytest.raises(ValueError, match='broken.jpg: unusable image'):
     pipeline.num_examples(dict(cfg, on_error='fail'))
-
-
-MOCK_ID = 'mock-train.tfrecord-00000-of-00001__{}'
-
-
-def bad_records(data_dir, kinds):
-  """The bytes of make_bad_folder's files as TFDS records (the unreadable
-  ones as empty records)."""
-  records = []
-  for name in kinds:
-    path = os.path.join(data_dir, 'train', 'a', name)
-    records.append(open(path, 'rb').read() if os.path.isfile(path) else b'')
-  return records
-
-
-@contextlib.contextmanager
-def mock_tfds_split(records):
-  """tfds.testing.mock_data where every split holds `records` as 'image'
-  bytes, label i and tfds_id MOCK_ID.format(i)."""
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
-
-  def as_dataset(self, split, **kwargs):
-    del self, split, kwargs
-    return tf.data.Dataset.from_tensor_slices({
-        'image': records, 'label': np.arange(len(records)),
-        'tfds_id': [MOCK_ID.format(i) for i in range(len(records))]})
-
-  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
-    yield
 
 
 TFDS_SKIPPED = {'truncated.jpg': 'does not decode (truncated or corrupt)',
@@ -148,7 +75,7 @@ def test_bad_tfds_records_are_converted_or_skipped_and_named(bad_folder,
   uids = tf.strings.to_hash_bucket_fast(
       [MOCK_ID.format(i) for i in range(len(names))], 2**62).numpy()
   n = len(records)
-  cfg = dict(name='imagenet2012', image_size=16, shuffle_buffer=4)
+  cfg = data_config(name='imagenet2012', image_size=16, shuffle_buffer=4)
   with mock_tfds_split(records):
     # One batch holds the whole split: every record is read in every epoch.
     with caplog.at_level('WARNING'):
@@ -189,25 +116,13 @@ def test_bad_tfds_records_are_converted_or_skipped_and_named(bad_folder,
       next(pipeline.make_iterator(cfg, 2, seed=0))
 
 
-def test_workdir_lock_refuses_a_second_run(tmp_path):
-  with WorkdirLock(str(tmp_path)):
-    with pytest.raises(WorkdirLocked, match=f'pid {os.getpid()}'):
-      WorkdirLock(str(tmp_path))
-    out = subprocess.run(_train_cmd(tmp_path), env=_env(), text=True,
-                         capture_output=True, timeout=300)
-  assert out.returncode == 2
-  assert out.stderr.strip().splitlines()[-1].startswith(
-      f'error: workdir {tmp_path} is in use by another run')
-  WorkdirLock(str(tmp_path)).release()  # free again
-
-
 @pytest.mark.parametrize('arg,message', [
     ('--config.nosuch=1', "--config.nosuch: unknown config field 'nosuch'"),
     ('--config.batch_size=abc', 'flag --config.batch_size=abc: invalid'),
     ('--config.data.on_error=maybe', "config.data.on_error='maybe'"),
 ])
 def test_cli_mistakes_are_one_line(tmp_path, arg, message):
-  out = subprocess.run(_train_cmd(tmp_path, arg), env=_env(), text=True,
+  out = subprocess.run(train_command(tmp_path, arg), env=cpu_env(), text=True,
                        capture_output=True, timeout=300)
   assert out.returncode == 2
   lines = [l for l in out.stderr.splitlines() if l.startswith('error: ')]
@@ -215,81 +130,25 @@ def test_cli_mistakes_are_one_line(tmp_path, arg, message):
   assert 'Traceback' not in out.stderr
 
 
-def _config(**fields):
-  config = pretrain.get_config('tiny')
-  config.update_from_flattened_dict({
-      'batch_size': 8, 'total_steps': 6, 'warmup_steps': 2,
-      'checkpoint_every_steps': 2, 'log_every_steps': 1,
-      'figure_every_steps': 0, 'mesh': (1, 1), **fields})
-  return config
-
-
-def _poison(monkeypatch, at_batch):
-  """Makes batch `at_batch` of every training iterator all NaN."""
-  from mae_jax.data import pipeline
-  real = pipeline.make_iterator
-
-  def make_iterator(*args, start_step=0, **kwargs):
-    it = real(*args, start_step=start_step, **kwargs)
-    for i, batch in enumerate(it, start=start_step):
-      if i == at_batch:
-        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
-      yield batch
-  monkeypatch.setattr(pipeline, 'make_iterator', make_iterator)
-
-
-def test_nan_batch_stops_or_is_skipped(tmp_path, monkeypatch, capsys):
-  _poison(monkeypatch, at_batch=3)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1),
-                           ('data', 'fsdp'))
-  with pytest.raises(NonFiniteError,
-                     match='at update 3; the last good checkpoint is step 2'):
-    trainer.train(_config(), str(tmp_path / 'stop'), mesh)
-  assert sorted(os.listdir(tmp_path / 'stop' / 'checkpoints')) == ['2']
-
-  state = trainer.train(_config(skip_nonfinite=True), str(tmp_path / 'skip'),
-                        mesh)
-  out = capsys.readouterr().out
-  assert 'skipped update 3: non-finite loss=nan' in out
-  assert '1 non-finite updates skipped' in out
-  params = checkpoint.load(tmp_path / 'skip')[1]['params']
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))
-  records = [json.loads(l) for l in open(tmp_path / 'skip' / 'metrics.jsonl')]
-  assert records[-1]['skipped_total'] == 1
-
-  # A checkpoint of another config is refused, naming the fields.
-  other = _config(skip_nonfinite=True, **{'data.image_size': 32,
-                                          'batch_size': 4})
-  with pytest.raises(ConfigError, match=r'data.image_size=64 \(checkpoint\) '
-                     r'!= 32 \(now\); batch_size=8'):
-    trainer.train(other, str(tmp_path / 'skip'), mesh)
-
-
 def test_nonfinite_micro_batch_drops_its_whole_accumulated_update():
   """accum_iter=2, skip_nonfinite: a NaN micro-batch (first or second of
   update 1) leaves the state exactly as if update 1 had not been run."""
-  import optax
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1),
                            ('data', 'fsdp'))
-  t = trainer.Trainer(_config(accum_iter=2, skip_nonfinite=True,
-                              batch_size=4), '/nonexistent', mesh)
-  t.model = t.model.clone(depth=1, decoder_depth=1)  # compiles faster
-  t.setup(steps_per_epoch=10)
+  task = PretrainTask(tiny_pretrain_config(accum_iter=2, skip_nonfinite=True,
+                                           batch_size=4), mesh)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(3, 2, 4, 64, 64, 3)).astype(np.float32)
-  abstract = t.abstract_state['params']  # random parameters: init_state
-  params = jax.tree.map(                  # compiles slowly on CPU
-      lambda x: rng.normal(0, 0.02, x.shape).astype(x.dtype), abstract)
-  start = {'params': params, 'opt_state': jax.device_get(t.tx.init(params))}
+  start = jax.device_get(task.init_state())
 
   def run(updates):
-    state = jax.device_put(start, t.state_shardings)
+    state = jax.device_put(start, task.shardings)
     skipped = []
     for step, micro in updates:
-      state, metrics = t.run_update(state, list(micro), step)
+      batch = sharding.global_batch(mesh, {'image': micro}, stacked=True)
+      state, metrics = task.update(state, batch, jnp.int32(step))
       skipped.append(float(metrics['skipped']))
-    return state, skipped
+    return jax.device_get(state), skipped
 
   expected, _ = run([(0, images[0]), (2, images[2])])  # update 1 left out
   for bad in (0, 1):
@@ -297,48 +156,7 @@ def test_nonfinite_micro_batch_drops_its_whole_accumulated_update():
     poisoned[1, bad] = np.nan
     state, skipped = run(enumerate(poisoned))
     assert skipped == [0, 1, 0], (bad, skipped)
-    opt = state['opt_state']
-    assert isinstance(opt, optax.MultiStepsState)
-    assert int(opt.mini_step) == 0 and int(opt.gradient_step) == 2
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state),
-                 jax.device_get(expected))
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-  """A 40 MiB tmpfs (room for one tiny checkpoint, not two), else skip."""
-  path = tmp_path / 'disk'
-  path.mkdir()
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=40m', 'tmpfs',
-                     str(path)], capture_output=True).returncode:
-    pytest.skip('cannot mount a tmpfs here (needs root)')
-  yield path
-  subprocess.run(['umount', '-l', str(path)], check=False)
-
-
-def test_full_disk_fails_the_save_and_keeps_older_checkpoints(small_disk):
-  workdir = str(small_disk / 'w')
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1),
-                           ('data', 'fsdp'))
-  with pytest.raises(trainer.CheckpointSaveError) as e:
-    trainer.train(_config(), workdir, mesh)
-  message = str(e.value)
-  assert 'saving checkpoint step 4' in message and '[2] are intact' in message
-  assert '\n' not in message
-  assert 'No space left on device' in message
-  assert checkpoint.load(workdir)[0] is not None
-  out = subprocess.run(  # the CLI reports it in one line, exit status 1
-      [sys.executable, os.path.join(ROOT, 'train.py'), '--config',
-       os.path.join(ROOT, 'configs/pretrain.py') + ':tiny', '--workdir',
-       workdir, '--config.batch_size=8', '--config.total_steps=6',
-       '--config.warmup_steps=2', '--config.mesh=(1,1)',
-       '--config.checkpoint_every_steps=2', '--config.figure_every_steps=0'],
-      env=_env(), text=True, capture_output=True, timeout=600)
-  assert out.returncode == 1, out.stderr[-2000:]
-  lines = out.stderr.strip().splitlines()
-  assert lines[-1].startswith('error: saving checkpoint step 4'), lines[-5:]
-  assert 'No space left on device' in lines[-1]
-  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+    jax.tree.map(np.testing.assert_array_equal, state, expected)
 
 
 def test_monitor_close_on_a_full_disk_warns_once(tmp_path, capsys):
@@ -346,8 +164,8 @@ def test_monitor_close_on_a_full_disk_warns_once(tmp_path, capsys):
   not an exception that would hide the run's own error, and tensorboardX's
   exit-time retry of the close does nothing."""
   import errno
-  from mae_jax.monitor import Monitor
-  monitor = Monitor(str(tmp_path), 10, _config())
+  from mae_jax.train.monitor import Monitor
+  monitor = Monitor(str(tmp_path), 10, tiny_pretrain_config())
   writers = list(monitor.tb.all_writers.values())
   originals = [writer.event_writer for writer in writers]
   full = OSError(errno.ENOSPC, 'No space left on device')
@@ -369,11 +187,20 @@ def test_writes_finishing_after_their_event_loop_closed_are_silent(
   """The `Event loop is closed` report of a tensorstore write that finishes
   after orbax closed its loop (a failed save) is dropped; other unraisable
   exceptions still reach the previous hook."""
-  import asyncio
-  import tensorstore as ts
   seen = []
   monkeypatch.setattr(sys, 'unraisablehook', seen.append)
-  failed_saves.drop_closed_loop_callbacks()
+  remove = failure_reports.install()
+  try:
+    _report_a_write_finishing_after_its_loop_closed(seen)
+  finally:
+    remove()
+
+
+def _report_a_write_finishing_after_its_loop_closed(seen):
+  """Checks, with the filters installed, that a write finishing after its
+  loop closed is dropped and that another unraisable reaches `seen`."""
+  import asyncio
+  import tensorstore as ts
   promise, future = ts.Promise.new()  # a write in flight ...
   loop = asyncio.new_event_loop()
   loop.set_exception_handler(lambda *_: None)  # its task stays pending
@@ -399,7 +226,7 @@ def test_fault_matrix_ci(tmp_path):
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'benchmarks', 'fault_matrix.py'),
        '--trials', '3', '--sigterm', '1', '--no-bad-images', '--out',
-       str(tmp_path / 'r.md')], env=_env(), text=True, capture_output=True,
+       str(tmp_path / 'r.md')], env=cpu_env(), text=True, capture_output=True,
       timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   doc = (tmp_path / 'r.md').read_text()

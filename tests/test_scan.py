@@ -9,9 +9,10 @@ import torch
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from mae_jax import checkpoint, convert, optim, sharding
-from mae_jax.models import (create_model, layers, stack_blocks, to_layout,
-                            unstack_blocks)
+from mae_jax import checkpoint, convert
+from mae_jax.train import optim, sharding
+from mae_jax.models import (blocks, create_model, layers, stack_blocks,
+                            to_layout, unstack_blocks)
 from mae_jax.torch_io import read_state_dict
 from tests import torch_mae
 
@@ -112,7 +113,7 @@ def test_remat_traces_in_both_layouts(name):
 
 
 def test_scan_init_draws_a_fresh_xavier_kernel_per_block():
-  stack = layers.scan_block_class(False, 3)(num_heads=2)
+  stack = blocks.scan_block_class(False, 3)(num_heads=2)
   x = jnp.zeros((1, 2, 8))
   params = jax.jit(stack.init)(jax.random.key(5), x, jnp.zeros(3))['params']
   kernel = np.asarray(params['attn']['qkv']['kernel'])

@@ -6,13 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import pretrain
-from mae_jax import optim, sharding, trainer
+from configs import pretrain as pretrain_config
+from mae_jax.train import optim, pretrain, sharding
+from mae_jax.train.task import schedule_for
 from mae_jax.models import create_model
 
 
 def _config(**kw):
-  c = pretrain.get_config('tiny')
+  c = pretrain_config.get_config('tiny')
   with c.unlocked():
     c.batch_size = 16
     c.total_steps = 10
@@ -28,14 +29,14 @@ def _images(n, seed=0):
 
 def _one_update(config, mesh_shape, images_list):
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:math.prod(mesh_shape)])
-  t = trainer.Trainer(config, '/nonexistent', mesh)
-  t.setup(steps_per_epoch=10)
+  t = pretrain.PretrainTask(config, mesh)
   state = t.init_state()
   init = jax.device_get(state['params'])
-  batches = [sharding.global_batch(mesh, x) for x in images_list]
+  batch = sharding.global_batch(mesh, {'image': np.stack(images_list)},
+                                stacked=True)
   # The first update runs at lr 0 (warmup starts at 0): take two.
   for step in range(2):
-    state, metrics = t.run_update(state, batches, step=step)
+    state, metrics = t.update(state, batch, jnp.int32(step))
   moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(),
                        state['params'], init)
   assert min(jax.tree.leaves(moved)) > 0  # every parameter was updated
@@ -89,7 +90,7 @@ def test_lr_schedule_matches_spec_formula():
     config.epochs, config.warmup_epochs, config.min_lr = 10, 2, 1e-6
     config.batch_size, config.accum_iter, config.blr = 64, 2, 1.5e-4
   steps_per_epoch = 7
-  schedule, total = trainer.schedule_for(config, steps_per_epoch)
+  schedule, total = schedule_for(config, steps_per_epoch)
   assert total == 70
   lr = 1.5e-4 * 128 / 256
   for step in (0, 3, 13, 14, 15, 40, 69):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax import checkpoint, convert, create_model, images, visualize
+from mae_jax import (checkpoint, convert, create_model, figures, images,
+                     visualize)
 from mae_jax.models.mae import normalize_patches
 from mae_jax.models.patches import patchify
 
@@ -22,7 +23,7 @@ TRAIN = ['--config.total_steps=40', '--config.batch_size=16',
          '--config.figure_every_steps=0', '--config.checkpoint_every_steps=40',
          '--config.log_every_steps=20']
 MSE = re.compile(r'masked-patch MSE ([0-9.]+)')
-PX = visualize.PANEL_INCHES * visualize.DPI  # pixels per panel side
+PX = figures.PANEL_INCHES * figures.DPI  # pixels per panel side
 
 
 def _env():
@@ -287,10 +288,10 @@ def test_norm_pix_panels_invert_the_target_normalisation():
       np.float32) * 0.5
   pred = normalize_patches(patchify(jnp.asarray(imgs), 8))
   mask = np.ones((2, 16), np.float32)
-  original, _, recon, _ = visualize.reconstruction_panels(imgs, pred, mask, 8,
-                                                          True)
+  original, _, recon, _ = figures.reconstruction_panels(imgs, pred, mask, 8,
+                                                        True)
   np.testing.assert_allclose(recon, original, atol=1e-5)
-  _, _, raw, _ = visualize.reconstruction_panels(imgs, pred, mask, 8, False)
+  _, _, raw, _ = figures.reconstruction_panels(imgs, pred, mask, 8, False)
   assert np.abs(raw - original).max() > 0.1  # without it: far off
 
 
@@ -347,3 +348,54 @@ def test_missing_matplotlib_is_one_line_naming_the_extra(tiny_init, tmp_path):
   assert out.stderr.strip() == (
       'error: matplotlib.figure is not installed; it is needed for '
       "reconstruction figures: pip install 'mae_jax[viz]'")
+
+
+def test_figures_module_imports_no_cli_checkpoint_or_torch_code():
+  """mae_jax.figures alone: the package's __init__ (which loads the
+  checkpoint API) is not run, so only what figures itself needs loads."""
+  code = ('import importlib.util, sys, types\n'
+          "package = types.ModuleType('mae_jax')\n"
+          "package.__path__ = importlib.util.find_spec('mae_jax')"
+          '.submodule_search_locations\n'
+          "sys.modules['mae_jax'] = package\n"
+          'import mae_jax.figures\n'
+          "print(sorted(m for m in ('mae_jax.visualize', 'mae_jax.checkpoint', "
+          "'mae_jax.convert', 'mae_jax.torch_io', 'matplotlib', 'torch', "
+          "'tensorflow') if m in sys.modules))")
+  out = subprocess.run([sys.executable, '-c', code], env=_env(),
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == '[]'
+
+
+def test_saved_figure_is_a_png_with_one_row_per_image(tmp_path):
+  rng = np.random.default_rng(1)
+  imgs = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)
+  pred = rng.normal(size=(3, 16, 8 * 8 * 3)).astype(np.float32)
+  mask = np.zeros((3, 16), np.float32)
+  mask[:, ::2] = 1
+  path = figures.save_reconstruction_figure(
+      str(tmp_path / 'f.png'), imgs, pred, mask, 8, True, title='step 7')
+  with Image.open(path) as png:
+    assert png.format == 'PNG'
+    assert png.size == (4 * PX, 3 * PX)
+
+
+def test_figure_replaces_an_old_file_whole_and_leaves_no_temporary(
+    tiny_init, tmp_path):
+  out = tmp_path / 'figs' / 'r.png'
+  out.parent.mkdir()
+  out.write_bytes(b'an older figure')
+  assert visualize.main(['--checkpoint', tiny_init, '--out', str(out)]) == 0
+  assert os.listdir(out.parent) == ['r.png']
+  with Image.open(out) as png:
+    assert png.format == 'PNG'
+
+
+def test_image_above_max_pixels_is_refused_without_decoding(tmp_path):
+  path = tmp_path / 'huge.png'
+  Image.new('1', (images.MAX_PIXELS // 8000 + 1, 8000)).save(path)
+  with pytest.raises(images.ImageError, match=(
+      r'huge.png: too large: 11185x8000 is more than '
+      r'MAX_PIXELS=89478485 pixels$')):
+    images.load_image(path, 64)

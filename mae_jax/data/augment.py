@@ -24,13 +24,11 @@ import math
 
 import tensorflow as tf
 
-from mae_jax.config_check import IMAGENET_MEAN, IMAGENET_STD
 from mae_jax.data import randaugment
 from mae_jax.errors import ConfigError
+from mae_jax.images import IMAGENET_MEAN, IMAGENET_STD
 from mae_jax.models.geometry import image_hw
 
-MEAN_RGB = IMAGENET_MEAN  # ImageNet statistics of [0, 1] pixels (defaults)
-STD_RGB = IMAGENET_STD
 CROP_PCT = 0.875  # eval: resize so that int(side / CROP_PCT) fits
 SCALE = (0.2, 1.0)  # RandomResizedCrop area fraction (MAE pretraining)
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio w / h
@@ -60,6 +58,25 @@ def decode_image(data):
   return image
 
 
+def _box_sides(k_area, k_ratio, h_img, w_img, scale, ratio, shape):
+  """Box sides of `shape` drawn as torchvision's crops and erasing draw
+  them: area h_img * w_img * U(scale), aspect r log-uniform in `ratio`.
+  Returns float32 (round(sqrt(area * r)), round(sqrt(area / r))), rounding
+  half to even as Python's round."""
+  area = h_img * w_img * tf.random.stateless_uniform(
+      shape, k_area, minval=scale[0], maxval=scale[1])
+  aspect = tf.exp(tf.random.stateless_uniform(
+      shape, k_ratio, minval=math.log(ratio[0]), maxval=math.log(ratio[1])))
+  return tf.round(tf.sqrt(area * aspect)), tf.round(tf.sqrt(area / aspect))
+
+
+def _box_offsets(key, h_img, w_img, h, w):
+  """float32 (top, left), uniform over the floor(...) positions of an
+  h x w box in an h_img x w_img image."""
+  u_top, u_left = tf.unstack(tf.random.stateless_uniform([2], key))
+  return tf.floor(u_top * (h_img - h + 1)), tf.floor(u_left * (w_img - w + 1))
+
+
 def sample_crop_box(key, height, width, scale=SCALE, ratio=RATIO):
   """torchvision RandomResizedCrop.get_params, vectorised and stateless.
 
@@ -71,12 +88,7 @@ def sample_crop_box(key, height, width, scale=SCALE, ratio=RATIO):
   w_img = tf.cast(width, tf.float32)
   k_area, k_ratio, k_offset = tf.unstack(
       tf.random.experimental.stateless_split(key, 3))
-  area = h_img * w_img * tf.random.stateless_uniform(
-      [_TRIES], k_area, minval=scale[0], maxval=scale[1])
-  aspect = tf.exp(tf.random.stateless_uniform(
-      [_TRIES], k_ratio, minval=math.log(ratio[0]), maxval=math.log(ratio[1])))
-  w = tf.round(tf.sqrt(area * aspect))  # round half to even, as Python's round
-  h = tf.round(tf.sqrt(area / aspect))
+  w, h = _box_sides(k_area, k_ratio, h_img, w_img, scale, ratio, [_TRIES])
   fits = (w > 0) & (w <= w_img) & (h > 0) & (h <= h_img)
   first = tf.argmax(tf.cast(fits, tf.int32))
   u_top, u_left = tf.unstack(tf.random.stateless_uniform([2], k_offset))
@@ -107,7 +119,7 @@ def to_channels(image, channels):
   return tf.cast(randaugment.grayscale(image), tf.uint8)
 
 
-def normalize(image, mean=MEAN_RGB, std=STD_RGB):
+def normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
   """float (..., C) pixels in [0, 255] -> float32 normalised per channel
   with mean / std (C values each, statistics of [0, 1] pixels)."""
   image = tf.cast(image, tf.float32) / 255.0
@@ -188,7 +200,7 @@ def _crop(image, box):
   return image[top:top + crop_h, left:left + crop_w]
 
 
-def train_transform(image, key, size, mean=MEAN_RGB, std=STD_RGB,
+def train_transform(image, key, size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                     scale=SCALE, ratio=RATIO):
   """'pretrain': RandomResizedCrop(size, bicubic) + horizontal flip (p=0.5) +
   normalise. uint8 (H, W, 3) -> float32 (height, width, len(mean))."""
@@ -200,7 +212,7 @@ def train_transform(image, key, size, mean=MEAN_RGB, std=STD_RGB,
   return normalize(_random_flip(crop, k_flip), mean, std)
 
 
-def train_transform_jpeg(data, key, size, mean=MEAN_RGB, std=STD_RGB,
+def train_transform_jpeg(data, key, size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                          scale=SCALE, ratio=RATIO):
   """train_transform of encoded image bytes (string scalar), with the same
   random draws; a JPEG decodes only the crop window, sampled from its header
@@ -236,18 +248,11 @@ def random_erase(image, key, prob=ERASE_PROB, area=ERASE_AREA,
   shape = tf.shape(image)
   h_img = tf.cast(shape[0], tf.float32)
   w_img = tf.cast(shape[1], tf.float32)
-  target = h_img * w_img * tf.random.stateless_uniform(
-      [_TRIES], k_area, minval=area[0], maxval=area[1])
-  aspect = tf.exp(tf.random.stateless_uniform(
-      [_TRIES], k_ratio, minval=math.log(ratio[0]), maxval=math.log(ratio[1])))
-  h = tf.round(tf.sqrt(target * aspect))
-  w = tf.round(tf.sqrt(target / aspect))
+  h, w = _box_sides(k_area, k_ratio, h_img, w_img, area, ratio, [_TRIES])
   fits = (h >= 1) & (h < h_img) & (w >= 1) & (w < w_img)
   first = tf.argmax(tf.cast(fits, tf.int32))
   h, w = h[first], w[first]
-  u_top, u_left = tf.unstack(tf.random.stateless_uniform([2], k_offset))
-  top = tf.floor(u_top * (h_img - h + 1))
-  left = tf.floor(u_left * (w_img - w + 1))
+  top, left = _box_offsets(k_offset, h_img, w_img, h, w)
   rows = tf.cast(tf.range(shape[0]), tf.float32)[:, None, None]
   cols = tf.cast(tf.range(shape[1]), tf.float32)[None, :, None]
   inside = ((rows >= top) & (rows < top + h) & (cols >= left)
@@ -258,7 +263,7 @@ def random_erase(image, key, prob=ERASE_PROB, area=ERASE_AREA,
   return tf.where(inside & erase, noise, image)
 
 
-def finetune_transform(image, key, size, mean=MEAN_RGB, std=STD_RGB):
+def finetune_transform(image, key, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
   """'finetune': RandomResizedCrop(size, scale (0.08, 1), bicubic as PIL) +
   flip + RandAugment rand-m9-mstd0.5-inc1 + normalise + random erasing
   (p=0.25, pixel mode). uint8 (H, W, 3) -> float32 (height, width,
@@ -288,19 +293,14 @@ def sample_crop_box_single(key, height, width, scale=FINETUNE_SCALE,
   w_img = tf.cast(width, tf.float32)
   k_area, k_ratio, k_offset = tf.unstack(
       tf.random.experimental.stateless_split(key, 3))
-  area = h_img * w_img * tf.random.stateless_uniform(
-      [], k_area, minval=scale[0], maxval=scale[1])
-  aspect = tf.exp(tf.random.stateless_uniform(
-      [], k_ratio, minval=math.log(ratio[0]), maxval=math.log(ratio[1])))
-  w = tf.clip_by_value(tf.round(tf.sqrt(area * aspect)), 1.0, w_img)
-  h = tf.clip_by_value(tf.round(tf.sqrt(area / aspect)), 1.0, h_img)
-  u_top, u_left = tf.unstack(tf.random.stateless_uniform([2], k_offset))
-  top = tf.floor(u_top * (h_img - h + 1))
-  left = tf.floor(u_left * (w_img - w + 1))
+  w, h = _box_sides(k_area, k_ratio, h_img, w_img, scale, ratio, [])
+  w = tf.clip_by_value(w, 1.0, w_img)
+  h = tf.clip_by_value(h, 1.0, h_img)
+  top, left = _box_offsets(k_offset, h_img, w_img, h, w)
   return tuple(tf.cast(v, tf.int32) for v in (top, left, h, w))
 
 
-def linprobe_transform(image, key, size, mean=MEAN_RGB, std=STD_RGB):
+def linprobe_transform(image, key, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
   """'linprobe': single-draw RandomResizedCrop(size, scale (0.08, 1), bicubic
   as PIL) + flip + normalise. uint8 (H, W, 3) -> float32 (height, width,
   len(mean))."""
@@ -332,8 +332,8 @@ def get_train_bytes_transform(name):
   return {'pretrain': train_transform_jpeg}.get(name)
 
 
-def eval_transform(image, size, crop_pct=CROP_PCT, mean=MEAN_RGB,
-                   std=STD_RGB):
+def eval_transform(image, size, crop_pct=CROP_PCT, mean=IMAGENET_MEAN,
+                   std=IMAGENET_STD):
   """Resize (PIL bicubic, aspect kept) so that an int(H / crop_pct) x
   int(W / crop_pct) box fits, center crop (H, W) (top = round((h - H) / 2),
   half to even, as torchvision), normalise. For a square size S this is

@@ -12,60 +12,49 @@ own tfds.even_splits share through a shuffle buffer seeded from (seed, e).
 Unusable TFDS records are handled per batch, without changing the batches
 of a resumed iterator or the epoch length: see mae_jax.data.records.
 
-`data_cfg` (a dict, ConfigDict or any object with attributes; the configs'
-`config.data`, which holds every field below) fields:
+`data_cfg` is a data config (`config.data`, a ConfigDict, or a dict of it:
+mae_jax.schema.config(task).data holds every field, documented there):
   name: 'embedded' | 'folder' | a TFDS dataset name (e.g. 'imagenet2012').
   image_size: output size in pixels, an int (square) or an (H, W) pair.
-  channels (3): 3 (RGB) or 1 (grayscale: PIL's 'L' conversion of the RGB
-    decode, see augment.to_channels).
-  mean, std (ImageNet RGB: augment.MEAN_RGB, STD_RGB): per-channel
-    statistics of [0, 1] pixels, `channels` values each; the batches are
-    (pixels / 255 - mean) / std.
-  data_dir (None): image folder root ('folder') or TFDS data_dir.
-  split ('train'): folder sub-directory or TFDS split; ignored by 'embedded'.
-  repeats (None): copies of each embedded photo per epoch; None gives an
-    epoch of at least 256 examples.
-  shuffle_buffer (10_000): TFDS examples held in the shuffle buffer.
-  image_key ('image'), label_key ('label'): TFDS feature names.
-  augment ('pretrain'): training transform, one of augment.TRAIN_AUGMENTS:
-    'pretrain', 'finetune' or 'linprobe' (see mae_jax.data.augment). With
-    'pretrain', folder files and TFDS records go through
-    augment.train_transform_jpeg: a JPEG decodes only its crop window.
-  on_error ('skip'): an unusable folder image or TFDS record is skipped (and
-    named in the log) or, with 'fail', stops the run (see sources.folder and
-    above).
-  max_pixels (89_478_485): images with more pixels are unusable (TFDS: read
-    from the JPEG/PNG/GIF/BMP header before decoding; WebP and JPEG XL are
-    checked after decoding).
+  channels: 3 (RGB) or 1 (grayscale: PIL's 'L' conversion of the RGB decode,
+    see augment.to_channels).
+  mean, std: per-channel statistics of [0, 1] pixels, `channels` values
+    each; the batches are (pixels / 255 - mean) / std.
+  data_dir: image folder root ('folder') or TFDS data_dir.
+  split: folder sub-directory, TFDS split or embedded split ('all', 'train',
+    'validation': see sources.embedded).
+  repeats: copies of each embedded photo per epoch; None gives an epoch of
+    at least 256 examples.
+  shuffle_buffer: TFDS examples held in the shuffle buffer.
+  image_key, label_key: TFDS feature names.
+  augment: training transform, one of augment.TRAIN_AUGMENTS: 'pretrain',
+    'finetune' or 'linprobe' (see mae_jax.data.augment). With 'pretrain',
+    folder files and TFDS records go through augment.train_transform_jpeg: a
+    JPEG decodes only its crop window.
+  on_error: an unusable folder image or TFDS record is skipped (and named in
+    the log) or, with 'fail', stops the run (see sources.folder and above).
+  max_pixels: images with more pixels are unusable (TFDS: read from the
+    JPEG/PNG/GIF/BMP header before decoding; WebP and JPEG XL are checked
+    after decoding).
 """
 import math
 
 import tensorflow as tf
 
-from mae_jax.config_check import check_image_fields
 from mae_jax.data import augment, records, sources
 from mae_jax.errors import ConfigError
-
-_DEFAULTS = dict(data_dir=None, split='train', repeats=None,
-                 shuffle_buffer=10_000, image_key='image', label_key='label',
-                 augment='pretrain', on_error='skip',
-                 max_pixels=sources.MAX_PIXELS, channels=3,
-                 mean=augment.MEAN_RGB, std=augment.STD_RGB)
+from mae_jax.schema import check_image_fields
 _SHUFFLE_INDEX = -1  # example_key index reserved for the epoch's shuffle
 _AUTOTUNE = tf.data.AUTOTUNE
 
 
 def _field(data_cfg, name):
-  """Reads one data config field, falling back to _DEFAULTS."""
-  if hasattr(data_cfg, 'get'):
-    value = data_cfg.get(name, None)
-  else:
-    value = getattr(data_cfg, name, None)
-  if value is not None:
-    return value
-  if name in _DEFAULTS:
-    return _DEFAULTS[name]
-  raise ConfigError(f'data config lacks the required field {name!r}')
+  """One field of the data config; a missing one is a ConfigError."""
+  try:
+    return data_cfg[name]
+  except KeyError:
+    raise ConfigError(f'the data config lacks the field {name!r}; build it '
+                      'with mae_jax.schema.config(task).data') from None
 
 
 def _local_batch(global_batch_size, process_count):
@@ -79,7 +68,8 @@ def _source(data_cfg, process_index, process_count, drop_remainder):
   """IndexedSource, or (dataset, share size) of this process's TFDS share."""
   name = _field(data_cfg, 'name')
   if name == 'embedded':
-    return sources.embedded(_field(data_cfg, 'repeats'))
+    return sources.embedded(_field(data_cfg, 'repeats'),
+                            _field(data_cfg, 'split'))
   if name == 'folder':
     return sources.folder(_field(data_cfg, 'data_dir'),
                           _field(data_cfg, 'split'),

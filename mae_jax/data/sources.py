@@ -3,21 +3,22 @@
 `embedded` and `folder` are indexed (any example readable by its index, in a
 stable sorted order); `tfds_share` streams one process's share of a split.
 `embedded` also serves a labelled task with a held-out split ('train' |
-'validation', pixel-disjoint parts of each photo; 'all' = whole photos).
+'validation', pixel-disjoint parts of each photo; 'all' = whole photos): the
+pipeline passes data.split to every source.
 Labels are int32; images come out as uint8 (H, W, 3).
 
 A folder's files are checked once, up front, by reading them with PIL in a
-thread pool (`check_image`): files PIL cannot read whole and images above
-`max_pixels` are skipped (named in the log) or, with on_error='fail', stop
-the run. The example list is fixed before any epoch permutation, so skips
-change neither the determinism nor the resumption of a run. Grayscale, RGBA,
-CMYK, palette and 16-bit images are converted to 8-bit RGB by the decoder.
+thread pool (`check_image`): files PIL cannot read whole, formats the
+pipeline does not decode (TIFF) and images above `max_pixels` are skipped
+(named in the log) or, with on_error='fail', stop the run. The example
+list is fixed before any epoch permutation, so skips change neither the
+determinism nor the resumption of a run. Grayscale, RGBA, CMYK, palette and
+16-bit images are converted to 8-bit RGB by the decoder.
 """
 import concurrent.futures
-import contextlib
-import contextvars
 import dataclasses
 import functools
+import io
 import math
 import os
 from typing import Callable, Optional
@@ -31,10 +32,12 @@ from mae_jax import paths as paths_lib
 from mae_jax.data import augment
 from mae_jax.embedded import EMBEDDED_FILES, embedded_paths
 from mae_jax.errors import ConfigError, DataError
+from mae_jax.images import IMAGE_EXTENSIONS, MAX_PIXELS
+from mae_jax.schema import EMBEDDED_SPLITS
 
 MIN_EMBEDDED_EPOCH = 256  # default repeats make an epoch at least this long
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
-MAX_PIXELS = 89_478_485  # default image size limit (PIL's MAX_IMAGE_PIXELS)
+# PIL formats tf.io.decode_image reads (others, e.g. TIFF, are unusable).
+DECODED_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP', 'WEBP')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,27 +67,10 @@ def _embedded_pixels():
 # The embedded labelled task (label = which photo) with a held-out split:
 # along its longer side each photo is cut at 2/3; 'train' is the first part,
 # 'validation' the last third, tiled across the shorter side into
-# EMBEDDED_EVAL_TILES crops. The two splits share no pixel.
-EMBEDDED_SPLITS = ('all', 'train', 'validation')
+# EMBEDDED_EVAL_TILES crops. The two splits share no pixel; 'all' is the
+# whole photos (EMBEDDED_SPLITS).
 EMBEDDED_EVAL_FRACTION = 3   # the held-out strip is 1/3 of the longer side
 EMBEDDED_EVAL_TILES = 3      # validation crops per photo
-_EMBEDDED_SPLIT = contextvars.ContextVar('embedded_split', default='all')
-
-
-@contextlib.contextmanager
-def embedded_split(split):
-  """Within this context `embedded()` called without a split (as the input
-  pipeline calls it) serves `split`; outside it serves 'all'.
-
-  The pipeline passes no data.split to the embedded source, so the
-  classifier (mae_jax.classify) names its train and eval splits here.
-  """
-  _check_embedded_split(split)
-  token = _EMBEDDED_SPLIT.set(split)
-  try:
-    yield
-  finally:
-    _EMBEDDED_SPLIT.reset(token)
 
 
 def _check_embedded_split(split):
@@ -121,10 +107,10 @@ def embedded_boxes(height, width, split):
           for t in range(tiles)]
 
 
-def embedded(repeats=None, split=None):
+def embedded(repeats=None, split='all'):
   """scikit-image's bundled photos, decoded once and held in memory.
 
-  split 'all' (the default outside `embedded_split`; pretraining): example i
+  split 'all': example i
   is photo i % n, whole, with label i % n (n = len(EMBEDDED_FILES)). 'train':
   the same with each photo's training part only. 'validation': the
   EMBEDDED_EVAL_TILES held-out crops of each photo, example i being crop
@@ -132,7 +118,6 @@ def embedded(repeats=None, split=None):
   the `repeats` copies gets its own random crop when trained on. Default
   repeats: the fewest giving at least MIN_EMBEDDED_EPOCH examples.
   """
-  split = _EMBEDDED_SPLIT.get() if split is None else split
   _check_embedded_split(split)
   n = len(EMBEDDED_FILES)
   per_photo = EMBEDDED_EVAL_TILES if split == 'validation' else 1
@@ -161,11 +146,15 @@ def check_image(path, max_pixels=MAX_PIXELS):
   side): every byte is read, 1/64 of the pixels are made."""
   from PIL import Image
   try:
-    with tf.io.gfile.GFile(path, 'rb') as f, Image.open(f) as image:
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      data = f.read()  # whole: PIL's WebP reader fails on a GFile
+    with Image.open(io.BytesIO(data)) as image:
       width, height = image.size
       if width * height > max_pixels:
         return (f'too large: {width}x{height} = {width * height} pixels > '
                 f'data.max_pixels={max_pixels}')
+      if image.format not in DECODED_FORMATS:
+        return f'{image.format} files are not decoded by the input pipeline'
       if image.format == 'JPEG':
         image.draft('RGB', (max(1, width // 8), max(1, height // 8)))
       image.load()
@@ -215,7 +204,7 @@ def _folder_files(root, on_error, max_pixels):
 
 
 def folder(data_dir, split, on_error='skip', max_pixels=MAX_PIXELS):
-  """Images under `data_dir/split/CLASS/*.{jpg,jpeg,png,bmp,gif}`.
+  """Images under `data_dir/split/CLASS/*` (IMAGE_EXTENSIONS).
 
   Labels are the index of CLASS among the sorted class directories; examples
   are the usable files sorted by (class, file name). `on_error` ('skip' |

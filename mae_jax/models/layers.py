@@ -4,14 +4,15 @@ All linear layers: Xavier-uniform weights, zero bias; LayerNorm eps 1e-6;
 exact (erf) GELU. `dtype` is the compute dtype, `param_dtype` the storage one.
 """
 import functools
-import numbers
-from typing import Any
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mae_jax.models.chunked_attention import chunked_attention
+from mae_jax.models.geometry import (grid_hw, model_input_shape,
+                                     normalize_img_size)
 from mae_jax.models.masking import gather_tokens
 from mae_jax.models.patches import patchify
 
@@ -203,63 +204,42 @@ class ScanBlock(Block):
                        self.drop_path_rate > 0), None
 
 
-def block_class(remat):
-  """Block, or Block rematerialised (activations recomputed in backward)."""
-  return nn.remat(Block, static_argnums=(2,)) if remat else Block
+class ImageInput(nn.Module):
+  """Base of the image models (the MAE and the ViT classifier): the fields
+  they share, img_size normalised at construction (an int, or an (H, W)
+  tuple), the patch grid, and the check of the NHWC images given."""
+  img_size: Union[int, Sequence[int]] = 224
+  patch_size: int = 16
+  in_chans: int = 3
+  mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention_impl: Optional[str] = None  # None/'xla', 'cudnn' (GPU), 'chunked'
+  remat: bool = False  # recompute block activations in the backward pass
+  # nn.scan over the blocks: one traced block per stack (much faster
+  # compiles of deep models); the params of a stack ('blocks',
+  # 'decoder_blocks') are stacked on a leading layer axis (see
+  # mae_jax.models.scan_layout); per-block drop-path rates are scanned.
+  scan_blocks: bool = False
 
+  def __post_init__(self):
+    self.img_size = normalize_img_size(self.img_size)
+    super().__post_init__()
 
-def scan_block_class(remat, length):
-  """ScanBlock lifted by nn.scan over `length` blocks (optionally
-  rematerialised per block inside the loop).
+  @property
+  def grid_size(self):
+    """(gh, gw): patch rows and columns."""
+    return grid_hw(self.img_size, self.patch_size)
 
-  Parameters are stacked on a leading layer axis ('params': 0) and every
-  block draws its own 'params' and 'dropout' keys. Instances are called as
-  (x, rates) -> (x, None) with rates a (length,) float array of per-block
-  stochastic-depth rates.
-  """
-  body = nn.remat(ScanBlock, prevent_cse=False) if remat else ScanBlock
-  return nn.scan(body, variable_axes={'params': 0},
-                 split_rngs={'params': True, 'dropout': True},
-                 in_axes=0, length=length)
+  @property
+  def num_patches(self):
+    gh, gw = self.grid_size
+    return gh * gw
 
-
-def layer_indices(indices, depth):
-  """A sequence of block indices, negative ones counting from the end ->
-  ints in [0, depth), in the order given. Indices are static Python ints."""
-  if not isinstance(indices, (list, tuple)):
-    raise ValueError(f'layers={indices!r} must be a list or tuple of block '
-                     'indices')
-  out = []
-  for i in indices:
-    if (not isinstance(i, numbers.Integral) or isinstance(i, bool)
-        or not -depth <= i < depth):
-      raise ValueError(f'layer index {i!r} is not a block index: a Python '
-                       f'int in [-{depth}, {depth})')
-    out.append(int(i) % depth)
-  return out
-
-
-def plain_block(owner, num_heads):
-  """An unbound, deterministic Block with the compute settings of the
-  module `owner` (mlp_ratio, attention_impl, dtype, param_dtype)."""
-  return Block(num_heads, mlp_ratio=owner.mlp_ratio,
-               attention_impl=owner.attention_impl, dtype=owner.dtype,
-               param_dtype=owner.param_dtype, parent=None)
-
-
-def scanned_block_outputs(stack, x, block, depth):
-  """Runs the bound stack of `depth` blocks `stack` (built by
-  `scan_block_class`) deterministically, keeping every block's output.
-
-  `block` is an unbound Block with the stack's fields (`plain_block`); it is
-  applied to each layer's slice of the stacked params in a lax.scan, so the
-  depth is not unrolled. Returns (x, outputs) with outputs (depth, N, T, D),
-  outputs[i] the output of block i.
-  """
-  if stack.is_initializing():  # creates the stacked params
-    stack(x, jnp.zeros((depth,), jnp.float32))
-
-  def body(h, params):
-    h = block.apply({'params': params}, h)
-    return h, h
-  return jax.lax.scan(body, x, stack.variables['params'])
+  def _check_images(self, imgs):
+    expected = model_input_shape(self)
+    if imgs.ndim != 4 or tuple(imgs.shape[1:]) != expected:
+      raise ValueError(f'images of shape {tuple(imgs.shape)} do not match '
+                       f'img_size={self.img_size} with in_chans='
+                       f'{self.in_chans} (expected (N, {expected[0]}, '
+                       f'{expected[1]}, {expected[2]}), NHWC)')

@@ -3,59 +3,33 @@
 (N, H, W, C) normalised images -> (N, num_classes) logits; `img_size` is an
 int (square) or an (H, W) pair, C is `in_chans`. With global_pool the patch
 tokens (cls excluded) are averaged and passed through `fc_norm`; otherwise
-the cls token goes through `norm`. `features` gives the token sequence. With linear_probe the head is
-BatchNorm without affine (eps 1e-6, state in 'batch_stats') + linear. Parameter names follow the
-encoder of `MaskedAutoencoder`, so pretrained weights load by name.
+the cls token goes through `norm`. `features` gives the token sequence.
+With linear_probe the head is BatchNorm without affine (eps 1e-6, state in
+'batch_stats') + linear. Parameter names follow the encoder of
+`MaskedAutoencoder`, so pretrained weights load by name.
 """
 import functools
-from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from mae_jax.models import layers
-from mae_jax.models.geometry import (grid_hw, model_input_shape,
-                                     normalize_img_size)
+from mae_jax.models.blocks import (block_stack, layer_indices, plain_block,
+                                   run_stack, run_stack_keeping)
 from mae_jax.models.pos_embed import sincos_2d
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(layers.ImageInput):
   """Encoder + pooling + head. Stochastic depth rises linearly over blocks
   from 0 to `drop_path_rate`; it needs a 'dropout' RNG when train=True.
   With scan_blocks the per-block rates enter the scan as an array."""
   num_classes: int = 1000
-  img_size: Union[int, Sequence[int]] = 224
-  patch_size: int = 16
-  in_chans: int = 3
   embed_dim: int = 768
   depth: int = 12
   num_heads: int = 12
-  mlp_ratio: float = 4.0
   global_pool: bool = True
   linear_probe: bool = False  # head = BatchNorm (no affine) + linear
   drop_path_rate: float = 0.1
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  attention_impl: Optional[str] = None
-  remat: bool = False
-  # nn.scan over the blocks (params 'blocks' stacked on a leading layer
-  # axis; see mae_jax.models.scan_layout); per-block rates are scanned.
-  scan_blocks: bool = False
-
-  def __post_init__(self):
-    self.img_size = normalize_img_size(self.img_size)
-    super().__post_init__()
-
-  @property
-  def grid_size(self):
-    """(gh, gw): patch rows and columns."""
-    return grid_hw(self.img_size, self.patch_size)
-
-  @property
-  def num_patches(self):
-    gh, gw = self.grid_size
-    return gh * gw
 
   def __call__(self, imgs, train=False, return_features=False):
     """Logits (N, num_classes), or pooled features (N, D) if return_features."""
@@ -76,14 +50,6 @@ class VisionTransformer(nn.Module):
     """
     return self._forward(imgs, False, 'tokens', layers)
 
-  def _check_images(self, imgs):
-    expected = model_input_shape(self)
-    if imgs.ndim != 4 or tuple(imgs.shape[1:]) != expected:
-      raise ValueError(f'images of shape {tuple(imgs.shape)} do not match '
-                       f'img_size={self.img_size} with in_chans='
-                       f'{self.in_chans} (expected (N, {expected[0]}, '
-                       f'{expected[1]}, {expected[2]}), NHWC)')
-
   @nn.compact
   def _forward(self, imgs, train, output, keep):
     """output: 'logits', 'pooled' or 'tokens'; keep: block indices whose
@@ -102,27 +68,14 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate(
         [jnp.broadcast_to(cls.astype(x.dtype), (n, 1, self.embed_dim)), x],
         axis=1) + pos.astype(x.dtype)
-    rates = np.linspace(0, self.drop_path_rate, self.depth)
-    wanted = None if keep is None else layers.layer_indices(keep, self.depth)
-    if self.scan_blocks:
-      stack = layers.scan_block_class(self.remat, self.depth)(
-          self.num_heads, self.mlp_ratio, self.drop_path_rate,
-          attention_impl=self.attention_impl, deterministic=not train,
-          name='blocks', **kw)
-      if wanted is None:
-        x, _ = stack(x, jnp.asarray(rates, jnp.float32))
-      else:  # deterministic: `keep` comes only from `features`
-        x, every = layers.scanned_block_outputs(
-            stack, x, layers.plain_block(self, self.num_heads), self.depth)
-    else:
-      every = []
-      for i in range(self.depth):  # deterministic positional: static (remat)
-        x = layers.block_class(self.remat)(
-            self.num_heads, self.mlp_ratio, float(rates[i]),
-            attention_impl=self.attention_impl,
-            name=f'blocks_{i}', **kw)(x, not train)
-        every.append(x)
-    kept = None if wanted is None else [every[i] for i in wanted]
+    blocks = block_stack(self, 'blocks', self.depth, self.num_heads,
+                         self.drop_path_rate, deterministic=not train)
+    if keep is None:
+      x = run_stack(blocks, x, self.depth, deterministic=not train)
+    else:  # deterministic: `keep` comes only from `features`
+      x, kept = run_stack_keeping(blocks, x, self.depth,
+                                  layer_indices(keep, self.depth),
+                                  plain_block(self, self.num_heads))
     if output == 'tokens':
       if not self.global_pool:
         x = layers.LayerNorm(name='norm', **kw)(x)

@@ -91,14 +91,16 @@ def replicated(mesh):
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh):
-  """Leading (batch) dimension split over all devices of the mesh."""
-  return NamedSharding(mesh, BATCH_SPEC)
+def batch_sharding(mesh, stacked=False):
+  """Leading (batch) dimension split over all devices of the mesh; with
+  `stacked`, the second one (arrays of (accum_iter, batch, ...))."""
+  return NamedSharding(mesh, P(None, AXES) if stacked else BATCH_SPEC)
 
 
-def global_batch(mesh, local_batch):
-  """Process-local NumPy batch (dict of arrays) -> global jax.Arrays."""
-  sharding = batch_sharding(mesh)
+def global_batch(mesh, local_batch, stacked=False):
+  """Process-local NumPy batch (dict of arrays) -> global jax.Arrays;
+  `stacked`: arrays of (accum_iter, local batch, ...)."""
+  sharding = batch_sharding(mesh, stacked)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, x),
       local_batch)

@@ -1,8 +1,9 @@
 """Learning-rate schedules, weight-decay masks and optimizers (optax).
 
 Schedules count optimizer updates (not micro-batches): with gradient
-accumulation, update k uses fractional epoch k / updates_per_epoch, as the
-reference evaluates its schedule once per accumulated step.
+accumulation (summed inside one update, mae_jax.train.task), update k uses
+fractional epoch k / updates_per_epoch, as the reference evaluates its
+schedule once per accumulated step.
 
 Stacked block params (models with scan_blocks, names 'blocks/...' and
 'decoder_blocks/...', see mae_jax.models.scan_layout) hold all blocks along
@@ -53,15 +54,10 @@ def decay_mask(params, no_decay=()):
       params)
 
 
-def pretrain_optimizer(schedule, weight_decay, params, b1=0.9, b2=0.95,
-                       accum_iter=1):
-  """AdamW (beta 0.9/0.95) with the MAE decay mask, accumulated over
-  `accum_iter` micro-batches by optax.MultiSteps (gradients averaged)."""
-  tx = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay,
-                   mask=decay_mask(params))
-  if accum_iter > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accum_iter)
-  return tx
+def pretrain_optimizer(schedule, weight_decay, params, b1=0.9, b2=0.95):
+  """AdamW (beta 0.9/0.95) with the MAE decay mask."""
+  return optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay,
+                     mask=decay_mask(params))
 
 
 def layer_id(name, depth):
@@ -98,14 +94,14 @@ FINETUNE_NO_DECAY = (r'^pos_embed$', r'^cls_token$')
 
 
 def finetune_optimizer(schedule, weight_decay, params, depth, layer_decay,
-                       b1=0.9, b2=0.999, clip_grad=None, accum_iter=1):
+                       b1=0.9, b2=0.999, clip_grad=None):
   """AdamW with layer-wise lr decay (He et al. 2021, appendix A.1, Table 9;
   `util/lr_decay.py` of the official code): each parameter's
   update, weight decay included, is scaled by its layer's lr scale. No decay
   for 1-D parameters, pos_embed and cls_token. Optional global-norm clipping
   of the gradient."""
   scales = layer_scales(params, depth, layer_decay)
-  tx = optax.chain(
+  return optax.chain(
       *([optax.clip_by_global_norm(clip_grad)] if clip_grad else []),
       optax.scale_by_adam(b1=b1, b2=b2),
       optax.add_decayed_weights(weight_decay,
@@ -113,13 +109,10 @@ def finetune_optimizer(schedule, weight_decay, params, depth, layer_decay,
       optax.stateless(lambda updates, _: jax.tree.map(
           lambda u, s: u * s, updates, scales)),
       optax.scale_by_learning_rate(schedule))
-  if accum_iter > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accum_iter)
-  return tx
 
 
 def lars(schedule, params, weight_decay=0.0, momentum=0.9,
-         trust_coefficient=0.001, accum_iter=1):
+         trust_coefficient=0.001):
   """LARS as in the MAE linear probe: for parameters of rank > 1,
   g <- g + wd * p, then g <- g * trust * |p| / |g| (1 where a norm is 0);
   mu <- momentum * mu + g; p <- p - lr * mu. Parameters of rank <= 1 skip
@@ -132,13 +125,10 @@ def lars(schedule, params, weight_decay=0.0, momentum=0.9,
                      'stacked blocks (scan_blocks=True); probe the head only '
                      'or use scan_blocks=False')
   adapt = map_with_name(lambda _, x: x.ndim > 1, params)
-  tx = optax.chain(
+  return optax.chain(
       optax.add_decayed_weights(weight_decay, adapt),
       optax.masked(
           optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient),
           adapt),
       optax.trace(decay=momentum),
       optax.scale_by_learning_rate(schedule))
-  if accum_iter > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accum_iter)
-  return tx

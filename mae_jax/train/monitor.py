@@ -25,16 +25,6 @@ from mae_jax import paths
 from mae_jax.errors import NonFiniteError
 
 
-def shown(path):
-  """`path` for messages: relative to the current directory when it lies
-  below it, else as it is (absolute, or a URI)."""
-  text = os.fspath(path)
-  if paths.is_uri(text):
-    return text
-  rel = os.path.relpath(text)
-  return text if rel.startswith(os.pardir) else rel
-
-
 def mesh_text(mesh):
   """'data=1 fsdp=1' for a jax.sharding.Mesh."""
   return ' '.join(f'{k}={v}' for k, v in mesh.shape.items())
@@ -71,9 +61,7 @@ def _restart_records(path, start_step):
     if isinstance(record, dict) and record.get('step', 0) <= start_step:
       kept.append(json.dumps(_json_value(record), allow_nan=False))
   if kept != lines:
-    tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'
-    tmp.write_text(''.join(line + '\n' for line in kept))
-    tmp.replace(path)
+    paths.write_atomic(path, ''.join(line + '\n' for line in kept))
 
 
 class Monitor:
@@ -201,15 +189,15 @@ class Monitor:
         self.tb.add_scalar(f'train/{k}', v, step)
     return record
 
-  def log_eval(self, step, result):
-    """Evaluation line and records (top-1 / top-5 in %)."""
-    if not self.active:
+  def log_eval(self, step, result, text):
+    """Records an evaluation `result` (a dict of numbers) at `step` and
+    prints `text`, the task's words for it."""
+    if not self.active or result is None:
       return
-    print(f'eval at step {step}: top-1 {result["top1"]:.2f}% top-5 '
-          f'{result["top5"]:.2f}% on {result["count"]} images', flush=True)
+    print(f'eval at step {step}: {text}', flush=True)
     self._write({'step': step, 'eval': result})
-    for k in ('top1', 'top5'):
-      self.tb.add_scalar(f'eval/{k}', result[k], step)
+    for k, v in result.items():
+      self.tb.add_scalar(f'eval/{k}', v, step)
 
   def _write(self, record):
     self.jsonl.write(json.dumps(_json_value(record), allow_nan=False) + '\n')
@@ -223,7 +211,7 @@ class Monitor:
     if not self.active:
       return None
     from PIL import Image
-    from mae_jax.visualize import save_reconstruction_figure
+    from mae_jax.figures import save_reconstruction_figure
     png = io.BytesIO()
     save_reconstruction_figure(png, imgs, pred, mask, patch_size,
                                norm_pix_loss, title=f'step {step}',
@@ -234,7 +222,7 @@ class Monitor:
     png.seek(0)
     image = np.asarray(Image.open(png).convert('RGB'))
     self.tb.add_image('reconstruction', image, step, dataformats='HWC')
-    print(f'figure: {shown(path)}', flush=True)
+    print(f'figure: {paths.shown(path)}', flush=True)
     return path
 
   def close(self):
@@ -256,7 +244,8 @@ class Monitor:
     except OSError as e:
       errors.append(e)
     if errors:
-      print(f'warning: metrics of {shown(self.workdir)} may be incomplete: '
+      print(f'warning: metrics of {paths.shown(self.workdir)} may be '
+            'incomplete: '
             f'{errors[0]}', file=sys.stderr, flush=True)
 
 

@@ -1,0 +1,380 @@
+"""The config schema: every field of the three tasks, with its default, the
+values it allows and its check; and the rule for resuming from a checkpoint.
+
+Tasks: 'pretrain' (MAE pretraining), 'finetune' and 'linprobe' (classifiers
+of a pretrained encoder). `config(task, **values)` is the locked config of a
+task, every field present; configs/*.py build their variants from it.
+`check(config)` runs before anything is compiled. The defaults below are the
+ImageNet recipes of the base model (He et al. 2021, "Masked Autoencoders Are
+Scalable Vision Learners", appendix A.1, Tables 8-10; the official code's
+main_pretrain.py, main_finetune.py and main_linprobe.py).
+
+Each error is one line naming the field, the bad value and what is allowed.
+"""
+import json
+import math
+import numbers
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from mae_jax.errors import ConfigError
+from mae_jax.images import IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS
+from mae_jax.models import MAE_CONFIGS, VIT_CONFIGS
+from mae_jax.models.geometry import image_hw, normalize_img_size
+
+TASKS = ('pretrain', 'finetune', 'linprobe')
+VARIANTS = ('tiny', 'base', 'large', 'huge')
+DTYPES = ('float32', 'bfloat16')
+ATTENTION = ('default', 'xla', 'cudnn', 'chunked')
+AUGMENTS = ('pretrain', 'finetune', 'linprobe')  # data.augment transforms
+LOCAL_SOURCES = ('embedded', 'folder')
+EMBEDDED_SPLITS = ('all', 'train', 'validation')  # see data.sources.embedded
+ON_ERROR = ('skip', 'fail')
+CHANNELS = (1, 3)  # image files decode to grayscale or RGB
+# Resuming is deny-by-default: every config field must equal the one the
+# checkpoint was written with, except these, which change how a run is
+# executed, logged, evaluated or saved but not the updates it computes (mesh
+# and attention kernels change float rounding only; skip_nonfinite and
+# data.on_error only act on a failure, and are how one answers it).
+# Anything else (recipe, schedule, data, model, dtype) needs
+# config.resume_override.
+NOT_TRAJECTORY = ('log_every_steps', 'checkpoint_every_steps',
+                  'keep_checkpoints', 'figure_every_steps',
+                  'eval_every_steps', 'eval_only', 'data.eval_split', 'mesh',
+                  'attention', 'remat', 'fuse_patch_gather', 'skip_nonfinite',
+                  'data.on_error', 'resume_override')
+# Saved model fields that mirror a NOT_TRAJECTORY config field.
+_MODEL_NOT_TRAJECTORY = ('fuse_patch_gather',)
+
+# Defaults that differ between the tasks (the base model's recipe of each).
+_TASK_DEFAULTS = {
+    'pretrain': dict(model='mae_vit_base_patch16', batch_size=4096,
+                     blr=1.5e-4, min_lr=0.0, weight_decay=0.05, epochs=800,
+                     warmup_epochs=40, eval_every_steps=0,
+                     figure_every_steps=5000),
+    'finetune': dict(model='vit_base_patch16', batch_size=1024, blr=5e-4,
+                     min_lr=1e-6, weight_decay=0.05, epochs=100,
+                     warmup_epochs=5, eval_every_steps=1250,
+                     figure_every_steps=0, global_pool=True, drop_path=0.1,
+                     layer_decay=0.65, mixup=0.8, cutmix=1.0, smoothing=0.1),
+    'linprobe': dict(model='vit_base_patch16', batch_size=16384, blr=0.1,
+                     min_lr=0.0, weight_decay=0.0, epochs=90,
+                     warmup_epochs=10, eval_every_steps=78,
+                     figure_every_steps=0, global_pool=False, drop_path=0.0,
+                     layer_decay=0.75, mixup=0.0, cutmix=0.0, smoothing=0.0),
+}
+
+
+def config(task, **values):
+  """The locked config of `task` with every field at its default, then
+  `values` (nested ones as data=dict(image_size=64)); an unknown task or
+  field is a ConfigError naming it."""
+  if task not in TASKS:
+    raise ConfigError(f'config.task={task!r} is unknown; allowed: '
+                      f'{", ".join(TASKS)}')
+  d = _TASK_DEFAULTS[task]
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.variant = 'base'                 # size: tiny | base | large | huge
+  c.model = d['model']               # mae_jax.models registry name
+  c.dtype = 'bfloat16'               # compute dtype; parameters stay float32
+  c.attention = 'default'            # 'default' ('chunked' on CPU, else XLA's),
+                                     # 'xla', 'chunked' or 'cudnn' (GPU only)
+  c.remat = False                    # recompute block activations in backward
+  c.scan_blocks = False              # nn.scan over blocks: faster compiles,
+                                     # params stacked (saved in that layout)
+  if task == 'pretrain':
+    c.mask_ratio = 0.75              # fraction of patches removed
+    c.norm_pix_loss = True           # targets: per-patch normalised pixels
+    c.fuse_patch_gather = True       # embed only the visible patches
+  else:
+    c.init_from = placeholder(str)   # pretrained weights: .pth or mae_jax dir
+    c.eval_only = False              # True: evaluate init_from / the workdir
+    c.num_classes = 0                # 0: from the dataset
+    c.global_pool = d['global_pool']  # True: mean of patch tokens + fc_norm;
+                                     # False: cls token (linear probing)
+    c.drop_path = d['drop_path']     # stochastic depth rate (fine-tuning)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'imagenet2012'       # 'embedded', 'folder' or a tfds name
+  c.data.data_dir = placeholder(str)  # folder root or tfds data_dir
+  c.data.split = 'train'             # folder sub-directory or tfds split;
+                                     # embedded: 'all' (whole photos), 'train'
+                                     # or 'validation' (held-out crops)
+  c.data.eval_split = 'validation'   # the split evaluations read
+  c.data.image_size = ml_collections.FieldReference(  # int or (H, W):
+      224, field_type=object)        # --config.data.image_size=(64,48)
+  c.data.channels = 3                # 3: RGB; 1: grayscale (PIL 'L')
+  c.data.mean = IMAGENET_MEAN        # per channel, of [0, 1] pixels:
+  c.data.std = IMAGENET_STD          # --config.data.mean=(0.5,) for 1 channel
+  c.data.augment = task              # training transform, one of AUGMENTS
+  c.data.on_error = 'skip'           # unreadable image files: 'skip' | 'fail'
+  c.data.max_pixels = MAX_PIXELS     # larger images are skipped (PIL's
+                                     # MAX_IMAGE_PIXELS)
+  c.data.shuffle_buffer = 10_000     # TFDS examples in the shuffle buffer
+  c.data.repeats = placeholder(int)  # copies of each embedded photo per
+                                     # epoch; None: an epoch of at least 256
+                                     # examples
+  c.data.image_key = 'image'         # TFDS feature names
+  c.data.label_key = 'label'
+
+  c.batch_size = d['batch_size']     # global batch of one micro-step
+  c.accum_iter = 1                   # effective batch = batch_size * accum_iter
+  c.blr = d['blr']                   # lr = blr * effective batch / 256
+  c.min_lr = d['min_lr']             # floor of the half-cycle cosine
+  c.weight_decay = d['weight_decay']
+  if task == 'pretrain':
+    c.b1, c.b2 = 0.9, 0.95           # AdamW betas
+  else:
+    c.layer_decay = d['layer_decay']  # layer-wise lr decay (fine-tuning)
+    c.clip_grad = placeholder(float)  # max global gradient norm; None: off
+    c.mixup = d['mixup']             # Beta alpha; 0 disables
+    c.cutmix = d['cutmix']           # Beta alpha; 0 disables
+    c.mixup_prob = 1.0               # chance a batch is mixed at all
+    c.mixup_switch_prob = 0.5        # chance a mixed batch uses cutmix
+    c.smoothing = d['smoothing']     # label smoothing
+  c.epochs = d['epochs']
+  c.warmup_epochs = d['warmup_epochs']
+  c.total_steps = 0                  # optimizer updates; > 0 overrides epochs
+  c.warmup_steps = 0                 # > 0 overrides warmup_epochs
+
+  c.seed = 0
+  c.mesh = (-1, 1)                   # (data, fsdp); -1: the remaining devices
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.log_every_steps = 100
+  c.eval_every_steps = d['eval_every_steps']  # 0: never
+  c.figure_every_steps = d['figure_every_steps']  # reconstructions; 0: never
+  c.skip_nonfinite = False           # True: skip NaN/Inf updates, else stop
+  c.resume_override = ''             # 'total_steps,epochs': config fields a
+                                     # resumed run may change (every field
+                                     # but the logging/checkpoint/execution
+                                     # ones must match its checkpoint)
+  c.lock()
+  flat, fields = _flat(values), _flat(c.to_dict())
+  for name in flat:
+    if name not in fields:
+      raise ConfigError(f'the {task} config has no field {name!r}')
+  c.update_from_flattened_dict(flat)
+  return c
+
+
+def check_image_fields(image_size, channels, mean, std):
+  """Checks data.image_size (an int or an (H, W) pair), data.channels and
+  the per-channel data.mean / data.std; returns ((H, W), channels, mean,
+  std) with mean / std as tuples of floats. Raises ConfigError naming the
+  first bad field."""
+  try:
+    hw = image_hw(image_size)
+  except ValueError:
+    raise ConfigError(f'config.data.image_size={image_size!r} must be a '
+                      'positive int or an (H, W) pair of them, e.g. '
+                      '--config.data.image_size=(64,48)') from None
+  if channels not in CHANNELS or isinstance(channels, bool):
+    raise ConfigError(f'config.data.channels={channels!r} is not supported: '
+                      'images decode to 1 (grayscale) or 3 (RGB) channels')
+  stats = {}
+  for name, value in (('mean', mean), ('std', std)):
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    example = ','.join(['0.5'] * channels) + (',' if channels == 1 else '')
+    if (len(values) != channels or not all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool)
+        and math.isfinite(v) for v in values)):
+      raise ConfigError(f'config.data.{name}={value!r} must hold '
+                        f'config.data.channels={channels} finite numbers, one '
+                        f'per channel, e.g. --config.data.{name}='
+                        f'({example})')
+    stats[name] = tuple(float(v) for v in values)
+  if not all(v > 0 for v in stats['std']):
+    raise ConfigError(f'config.data.std={std!r} must be positive')
+  return hw, channels, stats['mean'], stats['std']
+
+
+def _is_bool(v):
+  return isinstance(v, bool)
+
+
+def _number(test, text, none=False):
+  """(predicate, what is allowed) of a real number field (None allowed with
+  `none`)."""
+  def ok(v):
+    if v is None:
+      return none
+    return (isinstance(v, numbers.Real) and not isinstance(v, bool)
+            and math.isfinite(v) and test(v))
+  return ok, text + (' or None' if none else '')
+
+
+def _int(low):
+  return (lambda v: isinstance(v, numbers.Integral)
+          and not isinstance(v, bool) and v >= low), f'must be >= {low}'
+
+
+def _name(v):
+  return isinstance(v, str) and bool(v)
+
+
+_BOOL = (_is_bool, 'must be True or False')
+_NAME = (_name, 'must be a non-empty string')
+_POSITIVE = _number(lambda v: v > 0, 'must be > 0')
+_NON_NEGATIVE = _number(lambda v: v >= 0, 'must be >= 0')
+_PROBABILITY = _number(lambda v: 0 <= v <= 1, 'must lie in [0, 1]')
+# field: (predicate, what is allowed); the choice fields are checked apart.
+_COMMON = {
+    'remat': _BOOL, 'scan_blocks': _BOOL, 'skip_nonfinite': _BOOL,
+    'seed': _int(0), 'batch_size': _int(1), 'accum_iter': _int(1),
+    'blr': _POSITIVE, 'min_lr': _NON_NEGATIVE,
+    'weight_decay': _NON_NEGATIVE, 'epochs': _NON_NEGATIVE,
+    'warmup_epochs': _NON_NEGATIVE, 'total_steps': _int(0),
+    'warmup_steps': _int(0), 'checkpoint_every_steps': _int(1),
+    'keep_checkpoints': _int(1), 'log_every_steps': _int(1),
+    'eval_every_steps': (_int(0)[0], 'must be >= 0 (0: never)'),
+    'figure_every_steps': (_int(0)[0], 'must be >= 0 (0: never)'),
+    'data.name': _NAME, 'data.split': _NAME, 'data.eval_split': _NAME,
+    'data.max_pixels': _int(1), 'data.shuffle_buffer': _int(1),
+    'data.repeats': (lambda v: v is None or _int(1)[0](v),
+                     'must be >= 1 or None'),
+    'data.image_key': _NAME, 'data.label_key': _NAME,
+    'resume_override': (lambda v: isinstance(v, str), 'must be a string'),
+}
+_PRETRAIN = {
+    'mask_ratio': _number(lambda v: 0 < v < 1,
+                          'must lie in the open interval (0, 1)'),
+    'norm_pix_loss': _BOOL, 'fuse_patch_gather': _BOOL,
+    'b1': _number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'),
+    'b2': _number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'),
+}
+_CLASSIFIER = {
+    'eval_only': _BOOL, 'global_pool': _BOOL,
+    'init_from': (lambda v: v is None or _name(v),
+                  'must be a path or None'),
+    'num_classes': (_int(0)[0], 'must be >= 0 (0: taken from the dataset)'),
+    'drop_path': _number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'),
+    'layer_decay': _number(lambda v: 0 < v <= 1, 'must lie in (0, 1]'),
+    'clip_grad': _number(lambda v: v > 0, 'must be > 0', none=True),
+    'mixup': _NON_NEGATIVE, 'cutmix': _NON_NEGATIVE,
+    'mixup_prob': _PROBABILITY, 'mixup_switch_prob': _PROBABILITY,
+    'smoothing': _number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'),
+}
+
+
+def _get(config, field):
+  for part in field.split('.'):
+    config = config[part]
+  return config
+
+
+def _one_of(config, field, allowed):
+  value = _get(config, field)
+  if isinstance(value, bool) or value not in allowed:
+    raise ConfigError(f'config.{field}={value!r} is unknown; allowed: '
+                      f'{", ".join(allowed)}')
+
+
+def check(config):
+  """Raises ConfigError naming the first bad field of a config of any task.
+
+  (config.mesh is checked against the devices by train.sharding.make_mesh.)
+  """
+  _one_of(config, 'task', TASKS)
+  registry = MAE_CONFIGS if config.task == 'pretrain' else VIT_CONFIGS
+  for field, allowed in (('variant', VARIANTS), ('model', tuple(registry)),
+                         ('dtype', DTYPES), ('attention', ATTENTION),
+                         ('data.on_error', ON_ERROR)):
+    _one_of(config, field, allowed)
+  if config.data.augment not in AUGMENTS:  # worded as augment's own error
+    raise ConfigError(f'unknown data.augment={config.data.augment!r}; '
+                      f'allowed: {", ".join(map(repr, AUGMENTS))}')
+  rules = dict(_COMMON, **(_PRETRAIN if config.task == 'pretrain'
+                           else _CLASSIFIER))
+  for field, (ok, allowed) in rules.items():
+    value = _get(config, field)
+    if not ok(value):
+      raise ConfigError(f'config.{field}={value!r} {allowed}')
+  data = config.data
+  hw, _, _, _ = check_image_fields(data.image_size, data.channels, data.mean,
+                                   data.std)
+  patch = registry[config.model]['patch_size']
+  if any(side % patch for side in hw):
+    raise ConfigError(f'config.data.image_size='
+                      f'{normalize_img_size(data.image_size)!r} is not a '
+                      f'multiple of the patch size {patch} of {config.model}')
+  if config.total_steps <= 0 and config.epochs <= 0:
+    raise ConfigError('config.total_steps and config.epochs are both <= 0; '
+                      'set one of them to a positive number')
+  resume_overrides(config)
+  if data.name == 'embedded':
+    for field in ('split', 'eval_split'):
+      if data[field] not in EMBEDDED_SPLITS:
+        raise ConfigError(f'config.data.{field}={data[field]!r} is not a '
+                          'split of the embedded photos; allowed: '
+                          f'{", ".join(EMBEDDED_SPLITS)}')
+  if data.name == 'folder' and not data.data_dir:
+    raise ConfigError("config.data.data_dir is required for "
+                      "config.data.name='folder' (DIR/<split>/<class>/*.jpg)")
+  if data.name not in LOCAL_SOURCES and not data.data_dir:
+    raise ConfigError(f'config.data.data_dir is required for the tfds dataset '
+                      f'config.data.name={data.name!r}; use one of '
+                      f'{", ".join(LOCAL_SOURCES)} or a tfds name with its '
+                      'data_dir')
+
+
+def _flat(tree, prefix=''):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def resume_overrides(config):
+  """Field names of config.resume_override ('total_steps,epochs'), each a
+  config field; raises ConfigError naming one that is not."""
+  names = [n.strip() for n in config.resume_override.split(',') if n.strip()]
+  fields = _flat(json.loads(config.to_json()))
+  for name in names:
+    if name not in fields:
+      raise ConfigError(f'config.resume_override names {name!r}, which is '
+                        'not a config field (write nested ones as '
+                        'data.image_size)')
+  return names
+
+
+def check_resume(config, saved_config, model, saved_model, where):
+  """Compares a run with the checkpoint at `where` (its saved config and
+  model description, JSON dicts) before it is restored.
+
+  Every config field must be equal, except NOT_TRAJECTORY and the fields
+  named in config.resume_override; fields absent from either side (added
+  to the configs after the checkpoint was written) are not compared.
+  Raises ConfigError naming every differing field; returns one
+  'FIELD: OLD -> NEW' string per difference resume_override allowed.
+  """
+  now = _flat(json.loads(config.to_json()))
+  then = _flat(saved_config)
+  allowed = resume_overrides(config)
+  differ = [k for k in now if k in then and then[k] != now[k]
+            and k not in NOT_TRAJECTORY]
+  overridden = [f'{k}: {then[k]!r} -> {now[k]!r}' for k in differ
+                if k in allowed]
+  diffs = [f'{k}={then[k]!r} (checkpoint) != {now[k]!r} (now)'
+           for k in differ if k not in allowed]
+  if not diffs:  # same config fields; the module itself may still differ
+    fields = json.loads(json.dumps(model))
+    diffs = [f'model.{k}={v!r} (checkpoint) != {fields["fields"].get(k)!r} '
+             '(now)' for k, v in saved_model.get('fields', {}).items()
+             if fields['fields'].get(k) != v
+             and k not in _MODEL_NOT_TRAJECTORY]
+    if saved_model.get('class') != fields['class']:
+      diffs.insert(0, f'model class {saved_model.get("class")!r} '
+                   f'(checkpoint) != {fields["class"]!r} (now)')
+  if diffs:
+    raise ConfigError(
+        f'checkpoint {where} was written by another config: '
+        f'{"; ".join(diffs)}; resuming would change the run. Use its config, '
+        'another --workdir, or allow the change with '
+        '--config.resume_override=FIELD[,FIELD...]')
+  return overridden
