@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from configs import pretrain as pretrain_config  # noqa: E402
+from mae_jax import paths  # noqa: E402
 from mae_jax.train import optim, pretrain, sharding  # noqa: E402
 
 
@@ -142,11 +143,8 @@ def main():
   for name, run in runs.items():
     lines.append(f'| {name} | {statistics.median(times[name]):.3f} | '
                  f'{run.temp_bytes() / 2**20:.1f} |')
-  text = '\n'.join(lines) + '\n'
-  print(text)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    f.write(text)
+  print('\n'.join(lines))
+  paths.write_atomic(args.out, '\n'.join(lines) + '\n')
 
 
 if __name__ == '__main__':

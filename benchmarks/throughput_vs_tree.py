@@ -21,6 +21,9 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mae_jax import paths  # noqa: E402
 DEFAULT_ARGS = ['--model', 'mae_vit_tiny_patch8', '--image-size', '64',
                 '--batch', '32', '--steps', '20', '--warmup', '2']
 
@@ -73,11 +76,8 @@ def main():
     other = statistics.median(r[mode] for r in rates['other'])
     this = statistics.median(r[mode] for r in rates['this'])
     lines.append(f'| {mode} | {other:.1f} | {this:.1f} | {this / other:.3f} |')
-  text = '\n'.join(lines) + '\n'
-  print(text)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    f.write(text)
+  print('\n'.join(lines))
+  paths.write_atomic(args.out, '\n'.join(lines) + '\n')
 
 
 if __name__ == '__main__':

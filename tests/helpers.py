@@ -60,11 +60,16 @@ def final_params(workdir):
 
 
 def tiny_pretrain_config(**fields):
-  """configs/pretrain.py:tiny for in-process runs: batch 8, 6 updates, a
+  """configs/pretrain.py:tiny for in-process runs (see tiny_config)."""
+  return tiny_config('pretrain', **fields)
+
+
+def tiny_config(task, **fields):
+  """configs/TASK.py:tiny for in-process runs: batch 8, 6 updates, a
   checkpoint every 2, one device, no figures; `fields` (dotted names)
   override."""
-  from configs import pretrain
-  config = pretrain.get_config('tiny')
+  import importlib
+  config = importlib.import_module(f'configs.{task}').get_config('tiny')
   config.update_from_flattened_dict({
       'batch_size': 8, 'total_steps': 6, 'warmup_steps': 2,
       'checkpoint_every_steps': 2, 'log_every_steps': 1,

@@ -13,10 +13,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import finetune
 from mae_jax.errors import CheckpointSaveError, ConfigError
 from mae_jax.train import classify, pretrain, sharding
-from tests.helpers import tiny_pretrain_config
+from tests.helpers import tiny_config, tiny_pretrain_config
 
 
 def _mesh():
@@ -90,12 +89,9 @@ def test_resume_accepts_logging_changes_and_named_overrides(finished,
 
 
 def _finetune_config(**fields):
-  config = finetune.get_config('tiny')
-  config.update_from_flattened_dict({
-      'batch_size': 8, 'total_steps': 12, 'warmup_steps': 2,
-      'checkpoint_every_steps': 4, 'log_every_steps': 1,
-      'eval_every_steps': 100, 'mesh': (1, 1), **fields})
-  return config
+  return tiny_config('finetune', **{
+      'total_steps': 12, 'checkpoint_every_steps': 4,
+      'eval_every_steps': 100, **fields})
 
 
 def test_finetuning_names_its_init_and_refuses_recipe_changes_on_resume(
