@@ -49,12 +49,11 @@ def schedule_for(config, steps_per_epoch):
   return optim.warmup_cosine(peak, warmup, total, config.min_lr), total
 
 
-def _all_finite(tree):
+@jax.jit
+def all_finite(tree):
+  """True when every leaf of `tree` is free of NaN and Inf."""
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
                             for x in jax.tree.leaves(tree)]))
-
-
-all_finite = jax.jit(_all_finite)
 
 
 class Task:
