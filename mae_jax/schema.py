@@ -24,13 +24,17 @@ from mae_jax.models import MAE_CONFIGS, VIT_CONFIGS
 from mae_jax.models.geometry import image_hw, normalize_img_size
 
 TASKS = ('pretrain', 'finetune', 'linprobe')
-VARIANTS = ('tiny', 'base', 'large', 'huge')
+VARIANTS = ('tiny', 'digits', 'base', 'large', 'huge')
 DTYPES = ('float32', 'bfloat16')
 ATTENTION = ('default', 'xla', 'cudnn', 'chunked')
-AUGMENTS = ('pretrain', 'finetune', 'linprobe')  # data.augment transforms
-LOCAL_SOURCES = ('embedded', 'folder')
+AUGMENTS = ('pretrain', 'finetune', 'linprobe', 'none')  # data.augment
+LOCAL_SOURCES = ('embedded', 'digits', 'folder')
 EMBEDDED_SPLITS = ('all', 'train', 'validation')  # see data.sources.embedded
+DIGITS_SPLITS = ('all', 'train', 'validation')  # see data.digits
+_FIXED_SPLITS = {'embedded': ('the embedded photos', EMBEDDED_SPLITS),
+                 'digits': ('the digits', DIGITS_SPLITS)}
 ON_ERROR = ('skip', 'fail')
+KNN_POOLS = ('cls', 'mean')
 CHANNELS = (1, 3)  # image files decode to grayscale or RGB
 # Resuming is deny-by-default: every config field must equal the one the
 # checkpoint was written with, except these, which change how a run is
@@ -43,7 +47,8 @@ NOT_TRAJECTORY = ('log_every_steps', 'checkpoint_every_steps',
                   'keep_checkpoints', 'figure_every_steps',
                   'eval_every_steps', 'eval_only', 'data.eval_split', 'mesh',
                   'attention', 'remat', 'fuse_patch_gather', 'skip_nonfinite',
-                  'data.on_error', 'resume_override')
+                  'data.on_error', 'resume_override', 'knn_k',
+                  'knn_temperature', 'knn_pool', 'knn_bank_size')
 # Saved model fields that mirror a NOT_TRAJECTORY config field.
 _MODEL_NOT_TRAJECTORY = ('fuse_patch_gather',)
 
@@ -76,7 +81,7 @@ def config(task, **values):
   d = _TASK_DEFAULTS[task]
   c = ml_collections.ConfigDict()
   c.task = task
-  c.variant = 'base'                 # size: tiny | base | large | huge
+  c.variant = 'base'                 # tiny | digits | base | large | huge
   c.model = d['model']               # mae_jax.models registry name
   c.dtype = 'bfloat16'               # compute dtype; parameters stay float32
   c.attention = 'default'            # 'default' ('chunked' on CPU, else XLA's),
@@ -88,6 +93,14 @@ def config(task, **values):
     c.mask_ratio = 0.75              # fraction of patches removed
     c.norm_pix_loss = True           # targets: per-patch normalised pixels
     c.fuse_patch_gather = True       # embed only the visible patches
+    # Online k-NN probe (mae_jax.train.knn), every eval_every_steps: encoder
+    # features of data.split (the bank) label those of data.eval_split.
+    c.knn_k = 20                     # neighbours voting
+    c.knn_temperature = 0.07         # vote weight exp(cosine / temperature)
+    c.knn_pool = 'cls'               # feature: 'cls' token or 'mean' of the
+                                     # patch tokens, after the encoder norm
+    c.knn_bank_size = 50_000         # bank: at most this many examples (the
+                                     # first of data.split, in order)
   else:
     c.init_from = placeholder(str)   # pretrained weights: .pth or mae_jax dir
     c.eval_only = False              # True: evaluate init_from / the workdir
@@ -97,11 +110,14 @@ def config(task, **values):
     c.drop_path = d['drop_path']     # stochastic depth rate (fine-tuning)
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'imagenet2012'       # 'embedded', 'folder' or a tfds name
+  c.data.name = 'imagenet2012'       # 'embedded', 'digits', 'folder' or a
+                                     # tfds name
   c.data.data_dir = placeholder(str)  # folder root or tfds data_dir
   c.data.split = 'train'             # folder sub-directory or tfds split;
                                      # embedded: 'all' (whole photos), 'train'
-                                     # or 'validation' (held-out crops)
+                                     # or 'validation' (held-out crops);
+                                     # digits: 'all', 'train' (4,000) or
+                                     # 'validation' (1,000)
   c.data.eval_split = 'validation'   # the split evaluations read
   c.data.image_size = ml_collections.FieldReference(  # int or (H, W):
       224, field_type=object)        # --config.data.image_size=(64,48)
@@ -244,6 +260,7 @@ _PRETRAIN = {
     'norm_pix_loss': _BOOL, 'fuse_patch_gather': _BOOL,
     'b1': _number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'),
     'b2': _number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'),
+    'knn_k': _int(1), 'knn_temperature': _POSITIVE, 'knn_bank_size': _int(1),
 }
 _CLASSIFIER = {
     'eval_only': _BOOL, 'global_pool': _BOOL,
@@ -283,6 +300,8 @@ def check(config):
                          ('dtype', DTYPES), ('attention', ATTENTION),
                          ('data.on_error', ON_ERROR)):
     _one_of(config, field, allowed)
+  if config.task == 'pretrain':
+    _one_of(config, 'knn_pool', KNN_POOLS)
   if config.data.augment not in AUGMENTS:  # worded as augment's own error
     raise ConfigError(f'unknown data.augment={config.data.augment!r}; '
                       f'allowed: {", ".join(map(repr, AUGMENTS))}')
@@ -304,12 +323,12 @@ def check(config):
     raise ConfigError('config.total_steps and config.epochs are both <= 0; '
                       'set one of them to a positive number')
   resume_overrides(config)
-  if data.name == 'embedded':
+  if data.name in _FIXED_SPLITS:
+    what, splits = _FIXED_SPLITS[data.name]
     for field in ('split', 'eval_split'):
-      if data[field] not in EMBEDDED_SPLITS:
+      if data[field] not in splits:
         raise ConfigError(f'config.data.{field}={data[field]!r} is not a '
-                          'split of the embedded photos; allowed: '
-                          f'{", ".join(EMBEDDED_SPLITS)}')
+                          f'split of {what}; allowed: {", ".join(splits)}')
   if data.name == 'folder' and not data.data_dir:
     raise ConfigError("config.data.data_dir is required for "
                       "config.data.name='folder' (DIR/<split>/<class>/*.jpg)")

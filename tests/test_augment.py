@@ -259,3 +259,12 @@ def test_unknown_augment_name():
   cfg = _data(image_size=32, augment='mixup')
   with pytest.raises(ValueError, match="'mixup'.*'pretrain'.*'linprobe'"):
     pipeline.make_iterator(cfg, 8, seed=0)
+
+
+def test_augment_none_trains_on_the_eval_transform_whatever_the_key():
+  image = np.random.default_rng(4).integers(0, 256, (28, 28, 1), np.uint8)
+  none = augment.get_train_transform('none')
+  want = augment.eval_transform(image, 28, mean=(0.13,), std=(0.31,))
+  for index in range(3):
+    out = none(image, augment.example_key(0, 1, index), 28, (0.13,), (0.31,))
+    np.testing.assert_array_equal(out.numpy(), want.numpy())

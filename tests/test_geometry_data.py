@@ -72,7 +72,7 @@ def test_non_square_eval_resizes_so_the_crop_fits_then_center_crops():
   np.testing.assert_array_equal(out.numpy(), want.astype(np.float32))
 
 
-@pytest.mark.parametrize('name', ['pretrain', 'finetune', 'linprobe'])
+@pytest.mark.parametrize('name', augment.TRAIN_AUGMENTS)
 def test_non_square_training_crops_have_the_configured_size(name):
   image = np.random.default_rng(2).integers(0, 256, (90, 70, 3), np.uint8)
   key = augment.example_key(0, 0, 3)

@@ -22,7 +22,8 @@ DATA = ('name', 'data_dir', 'split', 'eval_split', 'image_size', 'channels',
         'mean', 'std', 'on_error', 'max_pixels', 'shuffle_buffer', 'repeats',
         'image_key', 'label_key', 'augment')
 PRETRAIN_ONLY = ('mask_ratio', 'norm_pix_loss', 'b1', 'b2',
-                 'fuse_patch_gather')
+                 'fuse_patch_gather', 'knn_k', 'knn_temperature', 'knn_pool',
+                 'knn_bank_size')
 CLASSIFIER_ONLY = ('init_from', 'eval_only', 'num_classes', 'global_pool',
                    'drop_path', 'layer_decay', 'clip_grad', 'mixup', 'cutmix',
                    'mixup_prob', 'mixup_switch_prob', 'smoothing')

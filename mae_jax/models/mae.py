@@ -175,11 +175,16 @@ class MaskedAutoencoder(layers.ImageInput):
 
 
 # Sizes of the official release (`models_mae.py` of facebookresearch/mae)
-# plus a tiny one for tests.
+# plus tiny ones for CPU: patch 8 at 64 px (tests, the demo) and patch 4 at
+# 28 px (the digits).
 MAE_CONFIGS = {
     'mae_vit_tiny_patch8': dict(
         img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3,
         decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+    'mae_vit_tiny_patch4': dict(
+        img_size=28, in_chans=1, patch_size=4, embed_dim=192, depth=4,
+        num_heads=3, decoder_embed_dim=128, decoder_depth=2,
+        decoder_num_heads=4),
     'mae_vit_base_patch16': dict(
         patch_size=16, embed_dim=768, depth=12, num_heads=12,
         decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),

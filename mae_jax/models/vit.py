@@ -4,9 +4,11 @@
 int (square) or an (H, W) pair, C is `in_chans`. With global_pool the patch
 tokens (cls excluded) are averaged and passed through `fc_norm`; otherwise
 the cls token goes through `norm`. `features` gives the token sequence.
-With linear_probe the head is BatchNorm without affine (eps 1e-6, state in
-'batch_stats') + linear. Parameter names follow the encoder of
-`MaskedAutoencoder`, so pretrained weights load by name.
+With linear_probe the head is BatchNorm without affine + linear; the
+BatchNorm is torch.nn.BatchNorm1d(D, affine=False, eps=1e-6)'s (unbiased
+running variance, momentum 0.1; state in 'batch_stats' under 'head_bn').
+Parameter names follow the encoder of `MaskedAutoencoder`, so pretrained
+weights load by name.
 """
 import functools
 
@@ -14,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mae_jax.models import layers
+from mae_jax.models.batchnorm import TorchBatchNorm1d
 from mae_jax.models.blocks import (block_stack, layer_indices, plain_block,
                                    run_stack, run_stack_keeping)
 from mae_jax.models.pos_embed import sincos_2d
@@ -89,10 +92,7 @@ class VisionTransformer(layers.ImageInput):
     std = 2e-5
     if self.linear_probe:
       std = 0.01
-      x = nn.BatchNorm(use_running_average=not train, use_bias=False,
-                       use_scale=False, epsilon=1e-6, momentum=0.9,
-                       dtype=jnp.float32, name='head_bn')(
-                           x.astype(jnp.float32))
+      x = TorchBatchNorm1d(eps=1e-6, momentum=0.1, name='head_bn')(x, train)
     head = functools.partial(
         nn.Dense, kernel_init=nn.initializers.truncated_normal(std),
         bias_init=nn.initializers.zeros, dtype=self.dtype,
@@ -103,6 +103,9 @@ class VisionTransformer(layers.ImageInput):
 VIT_CONFIGS = {
     'vit_tiny_patch8': dict(img_size=64, patch_size=8, embed_dim=192, depth=4,
                             num_heads=3, drop_path_rate=0.1),
+    'vit_tiny_patch4': dict(img_size=28, in_chans=1, patch_size=4,
+                            embed_dim=192, depth=4, num_heads=3,
+                            drop_path_rate=0.1),
     'vit_base_patch16': dict(patch_size=16, embed_dim=768, depth=12,
                              num_heads=12, drop_path_rate=0.1),
     'vit_large_patch16': dict(patch_size=16, embed_dim=1024, depth=24,

@@ -97,23 +97,6 @@ class ClassifyTask(Task):
   def build_model(self):
     return build_model(self.config, self.num_classes)
 
-  def steps_per_epoch(self):
-    from mae_jax.data import pipeline
-    return pipeline.steps_per_epoch(
-        self.config.data, self.config.batch_size * self.config.accum_iter,
-        jax.process_count())
-
-  def batches(self, start_micro, split=None):
-    from mae_jax.data import pipeline
-    train = split is None
-    data = self.config.data if train else dict(
-        self.config.data.to_dict(), split=split, repeats=1)
-    return pipeline.make_iterator(
-        data, self.config.batch_size, seed=self.config.seed,
-        start_step=start_micro, train=train,
-        process_index=jax.process_index(),
-        process_count=jax.process_count())
-
   def init_variables(self, key):
     return self.model.init(key, self.input_zeros())
 

@@ -7,7 +7,9 @@ the masked patches only. Every random draw is derived from (seed, step): the
 mask noise of update `step` is drawn for the whole effective batch, so each
 example gets its own mask under any mesh, any process count and any
 accumulation split. Figures show reconstructions of a fixed batch (the
-run's first) under a fixed mask.
+run's first) under a fixed mask. Evaluation (every config.eval_every_steps)
+is the online k-NN probe of mae_jax.train.knn on the unmasked encoder's
+features, for any labelled dataset: the labels are read for it only.
 """
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from mae_jax import paths, schema
 from mae_jax.models import create_model
-from mae_jax.train import loop, optim, sharding
+from mae_jax.train import knn, loop, optim, sharding
 from mae_jax.train.task import Task, attention_impl
 
 FIGURE_ROWS = 8  # images per reconstruction figure
@@ -50,23 +52,11 @@ class PretrainTask(Task):
     super().__init__(config, mesh)
     self.length = self.model.num_patches
     self.reconstruct = jax.jit(self._reconstruct)  # compiled once
+    self.pooled_features = jax.jit(self._pooled_features)
     self._fixed = None
 
   def build_model(self):
     return build_model(self.config)
-
-  def steps_per_epoch(self):
-    from mae_jax.data import pipeline  # the only TensorFlow user
-    return pipeline.steps_per_epoch(
-        self.config.data, self.config.batch_size * self.config.accum_iter,
-        jax.process_count())
-
-  def batches(self, start_micro):
-    from mae_jax.data import pipeline
-    return pipeline.make_iterator(
-        self.config.data, self.config.batch_size, seed=self.config.seed,
-        start_step=start_micro, process_index=jax.process_index(),
-        process_count=jax.process_count())
 
   def init_variables(self, key):
     noise = jnp.zeros((1, self.model.num_patches))
@@ -89,6 +79,55 @@ class PretrainTask(Task):
     loss, _, _ = self.model.apply({'params': trainable}, images,
                                   mask_ratio=c.mask_ratio, noise=noise)
     return loss, {}
+
+  # -- online k-NN evaluation -----------------------------------------------
+
+  def _pooled_features(self, params, images):
+    tokens = self.model.apply({'params': params}, images,
+                              method=self.model.features)
+    return knn.pooled(tokens, self.config.knn_pool).astype(jnp.float32)
+
+  def features(self, params, split, limit=None):
+    """(features float32 (n, D), labels int32 (n,)) of the unmasked
+    encoder on `split` (eval transform, in order), at most `limit`
+    examples, on every process."""
+    feats, labels, count = [], [], 0
+    for batch in self.batches(0, split=split):
+      if limit is not None and count >= limit:
+        break
+      b = sharding.global_batch(self.mesh, batch)
+      out = self.pooled_features(params, b['image'])
+      out, label, valid = multihost_utils.process_allgather(
+          (out, b['label'], b['valid']), tiled=True)
+      valid = np.asarray(valid)
+      feats.append(np.asarray(out)[valid])
+      labels.append(np.asarray(label)[valid])
+      count += int(valid.sum())
+    feats, labels = np.concatenate(feats), np.concatenate(labels)
+    return feats[:limit], labels[:limit]
+
+  def num_classes(self):
+    from mae_jax.data import pipeline
+    return pipeline.num_classes(self.config.data)
+
+  def evaluate(self, state, step):
+    """k-NN top-1 (%) on config.data.eval_split, the bank being the
+    first config.knn_bank_size examples of config.data.split."""
+    del step
+    c = self.config
+    bank, bank_labels = self.features(state['params'], c.data.split,
+                                      c.knn_bank_size)
+    queries, labels = self.features(state['params'], c.data.eval_split)
+    return {'knn_top1': knn.top1(bank, bank_labels, queries, labels,
+                                 self.num_classes(), c.knn_k,
+                                 c.knn_temperature),
+            'count': len(labels), 'bank': len(bank_labels)}
+
+  def summary(self, result):
+    if not result:
+      return ''
+    return (f'k-NN top-1 {result["knn_top1"]:.2f}% on {result["count"]} '
+            f'images (k={self.config.knn_k}, bank of {result["bank"]})')
 
   # -- figures -------------------------------------------------------------
 

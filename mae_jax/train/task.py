@@ -2,11 +2,12 @@
 
 A task (pretraining, fine-tuning, linear probing, ...) subclasses `Task` and
 says what is trained: `build_model`, `init_variables`, `trainable` /
-`with_trainable`, `optimizer`, `loss` of one micro-batch, the data
-(`steps_per_epoch`, `batches`), and optionally `evaluate`, `figure` and
-`notes`. `Task` turns these into the sharded state, created sharded
-(`init_state`), and one jitted, donated update (`update`); `loop.run` does
-the rest the same way for every task.
+`with_trainable`, `optimizer`, `loss` of one micro-batch, and optionally
+the data (`steps_per_epoch`, `batches`; by default config.data through the
+tf.data pipeline), `evaluate`, `figure` and `notes`. `Task` turns these
+into the sharded state, created sharded (`init_state`), and one jitted,
+donated update (`update`); `loop.run` does the rest the same way for every
+task.
 
 Counting: `step` is the number of optimizer updates done; each update
 consumes `accum_iter` micro-batches of `batch_size` examples. The micro-batch
@@ -60,9 +61,9 @@ class Task:
   """Base of every training task; see the module docstring.
 
   Subclasses implement the methods that raise NotImplementedError and may
-  override `items`, `evaluate`, `figure`, `notes` and `summary`. After
-  construction a task holds config, mesh, model, schedule, total_steps, tx,
-  shardings and abstract_state.
+  override `items`, the data, `evaluate`, `figure`, `notes` and `summary`.
+  After construction a task holds config, mesh, model, schedule,
+  total_steps, tx, shardings and abstract_state.
   """
   items = ('params', 'opt_state')  # the state items a checkpoint holds
   batch_keys = ('image',)          # the fields of a batch the update reads
@@ -98,13 +99,26 @@ class Task:
     raise NotImplementedError
 
   def steps_per_epoch(self):
-    """Updates per epoch of the training data."""
-    raise NotImplementedError
+    """Updates per epoch of the training data (default: config.data read by
+    mae_jax.data.pipeline)."""
+    from mae_jax.data import pipeline  # TensorFlow, only where data is read
+    c = self.config
+    return pipeline.steps_per_epoch(c.data, c.batch_size * c.accum_iter,
+                                    jax.process_count())
 
-  def batches(self, start_micro):
+  def batches(self, start_micro, split=None):
     """Iterator of process-local micro-batches (dicts of NumPy arrays),
-    starting at micro-batch `start_micro` of the run."""
-    raise NotImplementedError
+    starting at micro-batch `start_micro` of the run; with `split`, one
+    in-order evaluation pass over that split of the data, with 'valid'.
+    Default: config.data through mae_jax.data.pipeline ('image', 'label')."""
+    from mae_jax.data import pipeline
+    c = self.config
+    train = split is None
+    data = c.data if train else dict(c.data.to_dict(), split=split,
+                                     repeats=1)
+    return pipeline.make_iterator(
+        data, c.batch_size, seed=c.seed, start_step=start_micro, train=train,
+        process_index=jax.process_index(), process_count=jax.process_count())
 
   def init_variables(self, key):
     """Fresh variables {'params': ..., ...} (traced: runs under jit)."""
