@@ -1,4 +1,5 @@
-"""Converts MAE / ViT weights between PyTorch files and mae_jax checkpoints.
+"""Converts MAE / ViT / ViTPose weights between PyTorch files and mae_jax
+checkpoints.
 
   python convert_torch_weights.py mae_visualize_vit_large.pth out/mae_large
   python convert_torch_weights.py mae_pretrain_vit_base_full.pth out/mae_base \\
@@ -8,6 +9,12 @@
   python convert_torch_weights.py mae_pretrain_vit_base.pth out/vit_gray \\
       --model vit_base_patch16 --img-size 384,256 --in-chans 1
   python convert_torch_weights.py out/mae_large mae_large.pth --to-torch
+  python convert_torch_weights.py vitpose-base-simple/ out/vitpose_b
+      # a Hugging Face VitPoseForPoseEstimation directory (config.json +
+      # model.safetensors), or an official ViTPose .pth (mmpose state_dict)
+  python convert_torch_weights.py mae_pretrain_vit_base.pth out/pose_init \\
+      --model vitpose_base_patch16 --head simple   # MAE encoder -> ViTPose
+  python convert_torch_weights.py out/vitpose_b vitpose_b.pth --to-torch
 
 A torch file holds no model description, so an MAE's norm_pix_loss comes from
 --[no-]norm-pix-loss, else from a training checkpoint's args, else the
@@ -52,12 +59,19 @@ def _parser():
   parser = argparse.ArgumentParser(
       description=__doc__.split('\n\n', maxsplit=1)[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('src', help='.pth/.pt/.safetensors file, or a mae_jax '
-                      'checkpoint directory with --to-torch')
+  parser.add_argument('src', help='.pth/.pt/.safetensors file, a Hugging '
+                      'Face VitPose directory, or a mae_jax checkpoint '
+                      'directory (with --to-torch, or as the backbone of a '
+                      '--model vitpose_...)')
   parser.add_argument('dst', help='new mae_jax checkpoint directory, or a '
                       '.pth file with --to-torch')
   parser.add_argument('--model', help='registry name, e.g. mae_vit_large_'
-                      'patch16 or vit_base_patch16 (default: detected)')
+                      'patch16, vit_base_patch16 or vitpose_base_patch16 '
+                      '(default: detected); a vitpose_ name for MAE / ViT '
+                      'weights makes a pose model with a fresh head')
+  parser.add_argument('--head', choices=('classic', 'simple'),
+                      help='ViTPose heatmap head of a --model vitpose_... '
+                      'initialisation (default: classic)')
   parser.add_argument('--norm-pix-loss', action=argparse.BooleanOptionalAction,
                       default=None,
                       help="MAE only: record that the weights were trained "
@@ -90,7 +104,8 @@ def main(argv=None):
       for flag, value in (('--model', args.model),
                           ('--[no-]norm-pix-loss', args.norm_pix_loss),
                           ('--img-size', args.img_size),
-                          ('--in-chans', args.in_chans)):
+                          ('--in-chans', args.in_chans),
+                          ('--head', args.head)):
         if value is not None:
           raise CheckpointError(f'{flag} applies to torch -> mae_jax '
                                 'conversion only (a torch state dict has no '
@@ -100,7 +115,8 @@ def main(argv=None):
     else:
       report = convert.convert_file(args.src, args.dst, args.model,
                                     args.norm_pix_loss, args.allow_nonfinite,
-                                    warn, args.img_size, args.in_chans)
+                                    warn, args.img_size, args.in_chans,
+                                    args.head)
   except (MaeJaxError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

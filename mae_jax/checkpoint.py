@@ -1,6 +1,7 @@
 """mae_jax checkpoints: an orbax CheckpointManager root with three items.
 
-`params` holds the parameter tree, `model` the module
+`params` holds the parameter tree (a model with BatchNorm adds a
+`batch_stats` item, its running statistics), `model` the module
 description {"class": ..., "fields": {...}} (JsonSave), so `load` rebuilds the
 module without the caller naming it, and `checksums` (JsonSave)
 {"params": {leaf name: checksum}} (mae_jax.checksums; training checkpoints
@@ -40,13 +41,13 @@ from flax import traverse_util
 
 from mae_jax import paths
 from mae_jax.checksums import numpy_tree_checksums, verify
-from mae_jax.models import (MaskedAutoencoder, VisionTransformer,
+from mae_jax.models import (MaskedAutoencoder, VisionTransformer, ViTPose,
                             model_input_shape, to_layout)
 from mae_jax.models.pos_embed import resize_grid
 from mae_jax.errors import CheckpointError
 
 MODEL_CLASSES = {cls.__name__: cls
-                 for cls in (MaskedAutoencoder, VisionTransformer)}
+                 for cls in (MaskedAutoencoder, VisionTransformer, ViTPose)}
 _NOT_SAVED = ('dtype', 'param_dtype', 'attention_impl', 'remat', 'parent',
               'name')
 
@@ -77,7 +78,8 @@ def abstract_params(model):
 
 def abstract_variables(model):
   """ShapeDtypeStruct trees of all the model's variable collections
-  ({'params': ...} and, for a linear probe, 'batch_stats')."""
+  ({'params': ...} and, for a linear probe or ViTPose's classic head,
+  'batch_stats')."""
   imgs = jax.ShapeDtypeStruct((1, *model_input_shape(model)), np.float32)
   if isinstance(model, MaskedAutoencoder):
     noise = jax.ShapeDtypeStruct((1, model.num_patches), np.float32)
@@ -91,7 +93,8 @@ def abstract_variables(model):
 def save(directory, model, variables, step=0):
   """Writes model + params to a new orbax root `directory`, atomically.
 
-  `variables` is {'params': tree} or the params tree itself. A local root
+  `variables` is {'params': tree} (with 'batch_stats' when the model has
+  BatchNorm statistics) or the params tree itself. A local root
   is written to a temporary sibling and renamed, so a failure leaves no
   partial `directory`. On an object store (a URI), where a rename copies
   every object and is no more atomic, the root is written in place and a
@@ -104,8 +107,9 @@ def save(directory, model, variables, step=0):
   if directory.exists():
     raise CheckpointError(f'{shown}: already exists; remove it or choose '
                           'another destination')
-  params = variables.get('params', variables)
-  params = jax.tree.map(np.asarray, params)
+  items = dict(variables) if 'params' in variables else {'params': variables}
+  items = {k: jax.tree.map(np.asarray, v) for k, v in items.items()
+           if k in ('params', 'batch_stats')}
   in_place = paths.is_uri(directory)
   target = directory if in_place else (
       directory.parent / f'.{directory.name}.tmp-{os.getpid()}')
@@ -114,16 +118,17 @@ def save(directory, model, variables, step=0):
                                          create=True)
   done = False
   try:
-    handlers = {'params': ocp.PyTreeCheckpointHandler(use_compression=False),
-                'model': ocp.JsonCheckpointHandler(),
-                'checksums': ocp.JsonCheckpointHandler()}
+    handlers = {k: ocp.PyTreeCheckpointHandler(use_compression=False)
+                for k in items}
+    handlers.update(model=ocp.JsonCheckpointHandler(),
+                    checksums=ocp.JsonCheckpointHandler())
     with ocp.CheckpointManager(target, options=options,
                                item_handlers=handlers) as mngr:
       mngr.save(step, args=ocp.args.Composite(
-          params=ocp.args.PyTreeSave(params),
           model=ocp.args.JsonSave(model_description(model)),
           checksums=ocp.args.JsonSave(
-              {'params': numpy_tree_checksums(params)})))
+              {k: numpy_tree_checksums(v) for k, v in items.items()}),
+          **{k: ocp.args.PyTreeSave(v) for k, v in items.items()}))
     if not in_place:
       target.rename(directory)
     done = True
@@ -169,7 +174,8 @@ def is_checkpoint(path):
 def load(path, step=None, adapt_in_chans=False, **overrides):
   """Restores (model, variables) from `path`: {'params': tree of NumPy
   arrays}, plus 'batch_stats' (the head's BatchNorm statistics) from a
-  linear-probing workdir, so that `model.apply(variables, images)` runs.
+  linear-probing workdir or a ViTPose with the classic head, so that
+  `model.apply(variables, images)` runs.
 
   `path` is an orbax root written by `save` or a training workdir whose
   `checkpoints/` is one; the newest step is used unless `step` is given.

@@ -1,5 +1,9 @@
 """PyTorch (official MAE / timm layout) <-> mae_jax parameter trees.
 
+`convert_file` / `export_file` are the entry points of every conversion;
+ViTPose files (official mmpose .pth, Hugging Face directories) are handed
+to mae_jax.pose.convert.
+
 Key names, tensor layouts and file-kind detection are in
 mae_jax.torch_layout. The MAE's pos_embed and decoder_pos_embed are fixed
 sin-cos tables: checked on the way in, rebuilt on the way out. Every
@@ -30,42 +34,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mae_jax import checkpoint, extras as extras_lib, paths
+from mae_jax import checkpoint, extras as extras_lib, paths, weights
 from mae_jax.models import (MAE_CONFIGS, VIT_CONFIGS, create_model,
                             model_input_shape)
-from mae_jax.models import MaskedAutoencoder, to_layout, unstack_blocks
+from mae_jax.models import (POSE_CONFIGS, MaskedAutoencoder, ViTPose,
+                            to_layout, unstack_blocks)
 from mae_jax.models.pos_embed import resize_grid, sincos_2d
+from mae_jax.pose import convert as pose_convert, layout as pose_layout
 from mae_jax.torch_io import TRAINING_KEYS, CheckpointError, read_state_dict
 from mae_jax.torch_layout import (array_to_torch, as_numpy, check_keys, detect,
-                                  tensor_to_flax, to_flax_path, to_torch_key,
-                                  torch_shapes)
+                                  to_flax_path, to_torch_key, torch_shapes)
 
 FIXED_TABLES = ('pos_embed', 'decoder_pos_embed')
 SINCOS_ATOL = 1e-6
-
-
-# ------------------------------------------------------------ finiteness
-def _nonfinite(key, path, arr):
-  """'' for an all-finite array, else a description naming both names."""
-  if np.isfinite(arr).all():
-    return ''
-  nan, inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
-  return (f'{key} (mae_jax {"/".join(path)}: {nan} NaN, {inf} Inf of '
-          f'{arr.size} values)')
-
-
-def _refuse_nonfinite(source, bad, allow, warn):
-  """Raises CheckpointError naming the tensors in `bad`, unless `allow`, in
-  which case `warn(message)` is called (when given)."""
-  if not bad:
-    return
-  names = '; '.join(bad)
-  if not allow:
-    raise CheckpointError(f'{source}: non-finite weights in {names}; refusing '
-                          'to convert (convert_torch_weights.py '
-                          '--allow-nonfinite keeps them)')
-  if warn is not None:
-    warn(f'{source}: kept non-finite weights (--allow-nonfinite): {names}')
 
 
 # ------------------------------------------------------------ torch -> flax
@@ -76,20 +57,6 @@ def _check_sincos(source, name, tensor, grid_size):
     raise CheckpointError(
         f'{source}: {name} is not the fixed 2D sin-cos table (max abs diff '
         f'{err:.3g} > {SINCOS_ATOL}); the MAE cannot hold a learned {name}')
-
-
-def _pop_to_flax(state_dict, keys, source, allow_nonfinite=False, warn=None):
-  """Converts and removes `keys` one by one, so memory is freed as we go;
-  non-finite values are refused unless `allow_nonfinite`."""
-  flat, bad = {}, []
-  for key in keys:
-    tensor = state_dict.pop(key)
-    path = to_flax_path(key, tensor.ndim)
-    flat[path] = tensor_to_flax(tensor)
-    del tensor
-    bad.append(_nonfinite(key, path, flat[path]))
-  _refuse_nonfinite(source, [b for b in bad if b], allow_nonfinite, warn)
-  return flat
 
 
 def _missing_decoder(source):
@@ -113,8 +80,8 @@ def mae_from_torch(state_dict, model, source='<state dict>',
   check_keys(source, state_dict, expected)
   for name in FIXED_TABLES:
     _check_sincos(source, name, state_dict.pop(name), model.grid_size)
-  flat = _pop_to_flax(state_dict, list(state_dict), source, allow_nonfinite,
-                      warn)
+  flat = weights.pop_to_flax(state_dict, list(state_dict), source,
+                             allow_nonfinite, warn)
   skipped = [f'{n} (fixed sin-cos table, matches the formula within '
              f'{SINCOS_ATOL})' for n in FIXED_TABLES]
   return traverse_util.unflatten_dict(flat), skipped
@@ -175,24 +142,6 @@ def classifier_from_encoder(flat, model, rng, source='<state dict>',
   return params, fresh_names, skipped
 
 
-def _flat_encoder(path_or_state, source):
-  """(encoder weights as a flat Flax dict (unrolled blocks) with pos_embed
-  (1, 1+L, D), their (gh, gw) grid or None when only L is known)."""
-  if isinstance(path_or_state, (str, os.PathLike)):
-    if paths.resolve(path_or_state).is_dir():
-      model, variables = checkpoint.load(path_or_state, scan_blocks=False)
-      flat = traverse_util.flatten_dict(variables['params'])
-      if isinstance(model, MaskedAutoencoder):
-        flat[('pos_embed',)] = sincos_2d(model.embed_dim, model.grid_size)[None]
-      return flat, model.grid_size
-    state, _ = read_state_dict(path_or_state)
-  else:
-    state = dict(path_or_state.get('params', path_or_state))
-    if not any('.' in k for k in state):  # a Flax params tree
-      return traverse_util.flatten_dict(unstack_blocks(state)), None
-  return _pop_to_flax(dict(state), list(state), source), None
-
-
 def init_classifier_from(path_or_state, model, rng, old_grid=None,
                          adapt_in_chans=False):
   """{'params': ...} for the classifier `model`, its encoder filled from
@@ -203,14 +152,10 @@ def init_classifier_from(path_or_state, model, rng, old_grid=None,
   `classifier_from_encoder`."""
   source = (os.fspath(path_or_state)
             if isinstance(path_or_state, (str, os.PathLike)) else '<weights>')
-  flat, grid = _flat_encoder(path_or_state, source)
+  flat, grid = weights.flat_encoder(path_or_state, source)
   params, _, _ = classifier_from_encoder(
       flat, model, rng, source, grid or old_grid, adapt_in_chans)
   return {'params': params}
-
-
-def _param_count(params):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
 def norm_pix_setting(norm_pix_loss=None, extras=None):
@@ -276,12 +221,12 @@ def from_torch(state_dict, model_name=None, extras=None, source='<weights>',
   elif found.kind.startswith('classifier'):
     check_keys(source, state_dict, torch_shapes(stored))
     params = traverse_util.unflatten_dict(
-        _pop_to_flax(state_dict, list(state_dict), **nonfinite))
+        weights.pop_to_flax(state_dict, list(state_dict), **nonfinite))
     params = checkpoint.to_geometry(params, stored, model, True, source)
     skipped = []
   else:
     rng = jax.random.key(0) if rng is None else rng
-    flat = _pop_to_flax(state_dict, list(state_dict), **nonfinite)
+    flat = weights.pop_to_flax(state_dict, list(state_dict), **nonfinite)
     old_grid = stored.grid_size if 'img_size' in found.overrides else None
     params, fresh, skipped = classifier_from_encoder(
         flat, model.clone(scan_blocks=False), rng, source, old_grid, True)
@@ -294,7 +239,7 @@ def from_torch(state_dict, model_name=None, extras=None, source='<weights>',
               if k not in TRAINING_KEYS]
   fields = checkpoint.model_description(model)['fields']
   report += [f'model: {model_name} {type(model).__name__}({fields})',
-             f'parameters: {_param_count(params):,}',
+             f'parameters: {weights.param_count(params):,}',
              'skipped on purpose: ' + ('; '.join(skipped) or 'nothing')]
   return model, params, report
 
@@ -324,28 +269,67 @@ def _target_model(stored, img_size, in_chans, source):
   return model, lines
 
 
-def _refuse_existing(dst):
-  if paths.resolve(dst).exists():
-    raise CheckpointError(f'{os.fspath(dst)}: already exists; remove it or '
-                          'choose another destination')
-
-
 def convert_file(src, dst, model_name=None, norm_pix_loss=None,
                  allow_nonfinite=False, warn=None, img_size=None,
-                 in_chans=None):
-  """Converts a .pth/.pt/.safetensors file into the mae_jax directory `dst`
-  (options as in `from_torch`).
+                 in_chans=None, head=None):
+  """Converts weights into the mae_jax directory `dst`: an MAE / ViT
+  .pth/.pt/.safetensors file (options as in `from_torch`), an official
+  ViTPose .pth or a Hugging Face VitPose directory (mae_jax.pose.convert),
+  or, with a ViTPose `model_name`, MAE / ViT weights (a file or a mae_jax
+  checkpoint directory) as the backbone of a new pose model with the
+  `head` ('classic' by default) fresh.
 
   Returns report lines. Nothing is written unless conversion succeeds.
   """
-  _refuse_existing(dst)
-  state_dict, extras = read_state_dict(src)
-  model, params, report = from_torch(
-      state_dict, model_name, extras, os.fspath(src),
-      norm_pix_loss=norm_pix_loss, allow_nonfinite=allow_nonfinite,
-      warn=warn, img_size=img_size, in_chans=in_chans)
-  checkpoint.save(dst, model, {'params': params})
+  weights.refuse_existing(dst)
+  source = os.fspath(src)
+  nonfinite = dict(allow_nonfinite=allow_nonfinite, warn=warn)
+  pose_init = model_name in POSE_CONFIGS
+  _refuse_options(source, pose_init, norm_pix_loss, in_chans, head)
+  if pose_convert.is_hf_directory(src):
+    model, variables, report = pose_convert.from_hf_directory(src, **nonfinite)
+  elif pose_init and paths.resolve(src).is_dir():
+    model, variables, report = _pose_init(src, model_name, img_size, head)
+  else:
+    state_dict, extras = read_state_dict(src)
+    if pose_layout.is_pose_state(state_dict):
+      model, variables, report = pose_convert.from_official_state(
+          state_dict, extras, source, model_name, img_size, **nonfinite)
+    elif pose_init:
+      model, variables, report = _pose_init(state_dict, model_name, img_size,
+                                            head, source)
+    else:
+      model, params, report = from_torch(
+          state_dict, model_name, extras, source, norm_pix_loss=norm_pix_loss,
+          img_size=img_size, in_chans=in_chans, **nonfinite)
+      variables = {'params': params}
+  checkpoint.save(dst, model, variables)
   return report
+
+
+def _refuse_options(source, pose_init, norm_pix_loss, in_chans, head):
+  """Options that do not apply to the conversion asked for."""
+  if pose_init and norm_pix_loss is not None:
+    raise CheckpointError(f'{source}: --[no-]norm-pix-loss applies to MAE '
+                          'conversion only, not to a ViTPose')
+  if pose_init and in_chans is not None:
+    raise CheckpointError(f'{source}: --in-chans is not supported for a '
+                          'ViTPose initialisation')
+  if head is not None and not pose_init:
+    raise CheckpointError(f'{source}: --head applies to a ViTPose '
+                          'initialisation only (--model vitpose_...)')
+
+
+def _pose_init(src, model_name, img_size, head, source=None):
+  """(model, variables, report) of a ViTPose whose backbone comes from MAE
+  / ViT weights (mae_jax.pose.convert.init_from_encoder)."""
+  fields = {'head': head} if head else {}
+  if img_size is not None:
+    fields['img_size'] = img_size
+  model = create_model(model_name, **fields)
+  variables, report = pose_convert.init_from_encoder(
+      src, model, jax.random.key(0), source)
+  return model, variables, [f'model: {model_name} (head {model.head})'] + report
 
 
 # ------------------------------------------------------------ flax -> torch
@@ -367,20 +351,26 @@ def to_torch(model, params, source='<params>', allow_nonfinite=False,
     if path not in flat:
       raise CheckpointError(f'parameter {"/".join(path)} is missing')
     arr = np.asarray(flat.pop(path))
-    bad.append(_nonfinite(key, path, arr))
+    bad.append(weights.describe_nonfinite(key, path, arr))
     state[key] = array_to_torch(path, arr)
-  _refuse_nonfinite(source, [b for b in bad if b], allow_nonfinite, warn)
+  weights.refuse_nonfinite(source, [b for b in bad if b], allow_nonfinite,
+                           warn)
   return state
 
 
 def export_file(src, dst, allow_nonfinite=False, warn=None):
-  """mae_jax checkpoint `src` -> .pth `dst` holding {'model': state_dict}.
+  """mae_jax checkpoint `src` -> .pth `dst` holding {'model': state_dict}
+  in the official MAE layout ({'state_dict': ...} in mmpose's for a
+  ViTPose).
 
   Returns report lines; an MAE's norm_pix_loss, which a state dict cannot
   hold, is among them."""
   from mae_jax.torch_io import write_pth  # pylint: disable=import-outside-toplevel
-  _refuse_existing(dst)
+  weights.refuse_existing(dst)
   model, variables = checkpoint.load(src)
+  if isinstance(model, ViTPose):
+    return pose_convert.export_pose(model, variables, src, dst,
+                                    allow_nonfinite, warn)
   state = to_torch(model, variables['params'], os.fspath(src),
                    allow_nonfinite, warn)
   write_pth(paths.resolve(dst), state)

@@ -92,13 +92,9 @@ def normalize(pixels, mean=IMAGENET_MEAN, std=IMAGENET_STD):
            - np.asarray(mean, np.float32)) / np.asarray(std, np.float32))
 
 
-def load_image(path, size, warn=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-  """File -> float32 (H, W, C) normalised with mean / std; C = len(mean):
-  3 is RGB, 1 grayscale (PIL 'L').
-
-  `warn(message)` is called when the image had to be upscaled (smaller than
-  the model input).
-  """
+def read_rgb(path):
+  """Image file -> PIL 'RGB' image (any mode converted by `to_rgb`); every
+  unreadable, empty or oversized file raises ImageError naming it."""
   path = os.fspath(path)
   file = paths.resolve(path)
   if not file.exists():
@@ -122,14 +118,25 @@ def load_image(path, size, warn=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
   if min(rgb.size) < 1:
     raise ImageError(f'{path}: image has no pixels ({rgb.size[0]}x'
                      f'{rgb.size[1]})')
+  return rgb
+
+
+def load_image(path, size, warn=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+  """File -> float32 (H, W, C) normalised with mean / std; C = len(mean):
+  3 is RGB, 1 grayscale (PIL 'L').
+
+  `warn(message)` is called when the image had to be upscaled (smaller than
+  the model input).
+  """
+  rgb = read_rgb(path)
   original = rgb.size
   if len(mean) == 1:  # grayscale before resizing, as mae_jax.data does
     rgb = rgb.convert('L')
   img, upscaled = resize_crop(rgb, size)
   if upscaled and warn is not None:
     height, width = image_hw(size)
-    warn(f'{path}: {original[0]}x{original[1]} is smaller than the model '
-         f'input {width}x{height}; upscaled (bicubic)')
+    warn(f'{os.fspath(path)}: {original[0]}x{original[1]} is smaller than '
+         f'the model input {width}x{height}; upscaled (bicubic)')
   pixels = np.asarray(img)
   return normalize(pixels[..., None] if pixels.ndim == 2 else pixels, mean,
                    std)

@@ -22,6 +22,7 @@ from mae_jax import extras, paths
 from mae_jax.errors import CheckpointError
 
 MODEL_KEY = 'model'
+STATE_DICT_KEY = 'state_dict'  # mmpose / mmcv checkpoints
 TRAINING_KEYS = ('optimizer', 'epoch', 'scaler', 'args')
 
 
@@ -111,7 +112,9 @@ def read_state_dict(path):
   Returns (state_dict, extras): state_dict maps official key names to
   tensors (torch tensors from .pth/.pt, NumPy arrays from .safetensors);
   extras names the top-level entries that were not model weights (e.g.
-  'optimizer', 'epoch', 'scaler', 'args'), mapped to their values.
+  'optimizer', 'epoch', 'scaler', 'args', or mmcv's 'meta'), mapped to
+  their values. The weights are the file's 'model' dict (official MAE), its
+  'state_dict' (mmpose / mmcv) or the file's dict itself.
   """
   shown = os.fspath(path)
   path = paths.resolve(path)
@@ -123,9 +126,11 @@ def read_state_dict(path):
   if not isinstance(obj, dict):
     raise CheckpointError(
         f'{shown}: expected a dict of tensors, got {type(obj).__name__}')
-  if MODEL_KEY in obj and isinstance(obj[MODEL_KEY], dict):
-    others = {k: v for k, v in obj.items() if k != MODEL_KEY}
-    obj = obj[MODEL_KEY]
+  inner = next((k for k in (MODEL_KEY, STATE_DICT_KEY)
+                if isinstance(obj.get(k), dict)), None)
+  if inner is not None:
+    others = {k: v for k, v in obj.items() if k != inner}
+    obj = obj[inner]
   else:
     others = {}
   torch = _torch('reading .pth files')
@@ -136,11 +141,11 @@ def read_state_dict(path):
   return obj, others
 
 
-def write_pth(path, state_dict):
-  """Writes {'model': state_dict} (torch tensors) to `path` with
+def write_pth(path, state_dict, key=MODEL_KEY):
+  """Writes {key: state_dict} (torch tensors) to `path` with
   `paths.write_atomic`: the bytes are made in memory, then a local file is
   replaced through a temporary sibling and a URI uploaded in one write."""
   torch = _torch('writing .pth files')
   buffer = io.BytesIO()
-  torch.save({MODEL_KEY: state_dict}, buffer)
+  torch.save({key: state_dict}, buffer)
   paths.write_atomic(path, buffer.getbuffer())

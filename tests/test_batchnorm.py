@@ -1,4 +1,5 @@
-"""The linear probe's BatchNorm against torch.nn.BatchNorm1d(affine=False)."""
+"""TorchBatchNorm against torch: the linear probe's BatchNorm1d(affine=False)
+and the pose head's BatchNorm2d (affine, counting batches)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import torch
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mae_jax.models import create_model
-from mae_jax.models.batchnorm import TorchBatchNorm1d
+from mae_jax.models.batchnorm import TorchBatchNorm
 
 EPS = 1e-6
 N, D = 16, 32
@@ -35,7 +36,7 @@ def _close(a, b):
 
 
 def test_probe_batchnorm_matches_torch_batchnorm1d_over_several_updates():
-  module = TorchBatchNorm1d(eps=EPS)
+  module = TorchBatchNorm(eps=EPS)
   batches = _batches(6)
   variables = module.init(jax.random.key(0), batches[0])
   ref = _torch_bn().train()
@@ -55,7 +56,7 @@ def test_probe_batchnorm_matches_torch_batchnorm1d_over_several_updates():
 
 def test_running_var_averages_the_unbiased_batch_variance_unlike_flax():
   x = _batches(1)[0]
-  ours = TorchBatchNorm1d(eps=EPS)
+  ours = TorchBatchNorm(eps=EPS)
   _, new = ours.apply(ours.init(jax.random.key(0), x), x, train=True,
                       mutable=['batch_stats'])
   unbiased = 0.9 + 0.1 * x.var(axis=0, ddof=1)
@@ -72,24 +73,24 @@ def test_running_var_averages_the_unbiased_batch_variance_unlike_flax():
 
 def test_state_has_flax_batchnorm_names_and_init_leaves_it_untouched():
   x = _batches(1)[0]
-  stats = TorchBatchNorm1d().init(jax.random.key(0), x)['batch_stats']
+  stats = TorchBatchNorm(eps=1e-6).init(jax.random.key(0), x)['batch_stats']
   assert set(stats) == {'mean', 'var'}
   assert stats['mean'].dtype == stats['var'].dtype == jnp.float32
   np.testing.assert_array_equal(stats['mean'], np.zeros(D))
   np.testing.assert_array_equal(stats['var'], np.ones(D))
 
 
-def test_training_on_a_batch_of_one_raises_naming_the_batch_size():
-  module = TorchBatchNorm1d()
+def test_training_on_a_batch_of_one_raises_naming_the_shape():
+  module = TorchBatchNorm(eps=1e-6)
   x = np.ones((1, D), np.float32)
   variables = module.init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match='batch size 1'):
+  with pytest.raises(ValueError, match="more than 1 value"):
     module.apply(variables, x, train=True, mutable=['batch_stats'])
   module.apply(variables, x)  # evaluation uses running stats: fine
 
 
 def test_statistics_of_a_batch_sharded_over_8_devices_are_global():
-  module = TorchBatchNorm1d(eps=EPS)
+  module = TorchBatchNorm(eps=EPS)
   x = _batches(1)[0]
   variables = module.init(jax.random.key(0), x)
   mesh = Mesh(np.array(jax.devices()[:8]), ('data',))
@@ -117,3 +118,37 @@ def test_linear_probe_vit_updates_head_bn_var_as_torch_on_its_features():
   stats = new['batch_stats']['head_bn']
   _close(stats['mean'], ref.running_mean.numpy())
   _close(stats['var'], ref.running_var.numpy())
+
+
+def test_pose_head_batchnorm_matches_torch_batchnorm2d_with_affine_and_counter():
+  """NHWC input, scale/bias set away from 1/0, three training updates, then
+  evaluation: outputs, running statistics and num_batches_tracked equal
+  torch.nn.BatchNorm2d's on the NCHW layout."""
+  rng = np.random.default_rng(3)
+  c = 8
+  module = TorchBatchNorm(affine=True, count_batches=True)  # eps 1e-5
+  xs = [(rng.standard_normal((4, 5, 6, c)) * 2 + 1).astype(np.float32)
+        for _ in range(3)]
+  variables = module.init(jax.random.key(0), xs[0])
+  scale = rng.uniform(0.5, 2, c).astype(np.float32)
+  bias = rng.uniform(-1, 1, c).astype(np.float32)
+  variables = {'params': {'scale': scale, 'bias': bias},
+               'batch_stats': variables['batch_stats']}
+  ref = torch.nn.BatchNorm2d(c).train()
+  with torch.no_grad():
+    ref.weight.copy_(torch.from_numpy(scale))
+    ref.bias.copy_(torch.from_numpy(bias))
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+  nhwc = lambda t: t.detach().numpy().transpose(0, 2, 3, 1)
+  for x in xs:
+    out, stats = module.apply(variables, x, train=True,
+                              mutable=['batch_stats'])
+    variables = {**variables, **stats}
+    np.testing.assert_allclose(out, nhwc(ref(nchw(x))), rtol=1e-5, atol=1e-5)
+  st = variables['batch_stats']
+  _close(st['mean'], ref.running_mean.numpy())
+  _close(st['var'], ref.running_var.numpy())
+  assert int(st['num_batches_tracked']) == int(ref.num_batches_tracked) == 3
+  ref.eval()
+  np.testing.assert_allclose(module.apply(variables, xs[0]),
+                             nhwc(ref(nchw(xs[0]))), rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ import torch
 from flax import traverse_util
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from mae_jax import checkpoint, convert
+from mae_jax import checkpoint, torch_layout
 from mae_jax.models import (MaskedAutoencoder, VisionTransformer,
                             model_input_shape, stack_blocks, token_map)
 from mae_jax.models.pos_embed import sincos_2d
@@ -34,7 +34,8 @@ def _imgs(shape, seed=3):
 def _state_to_params(state):
   """Official-layout torch state dict -> unrolled Flax params, through the
   converter's key and tensor mapping."""
-  flat = {convert.to_flax_path(k, v.ndim): convert.tensor_to_flax(v)
+  flat = {torch_layout.to_flax_path(k, v.ndim):
+          torch_layout.tensor_to_flax(v)
           for k, v in state.items()}
   return traverse_util.unflatten_dict(flat)
 

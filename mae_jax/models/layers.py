@@ -1,7 +1,8 @@
 """Transformer building blocks shared by the MAE and the ViT classifier.
 
-All linear layers: Xavier-uniform weights, zero bias; LayerNorm eps 1e-6;
-exact (erf) GELU. `dtype` is the compute dtype, `param_dtype` the storage one.
+All linear layers: Xavier-uniform weights, zero bias; LayerNorm eps 1e-6
+(a model's `norm_eps` field can set another); exact (erf) GELU. `dtype` is
+the compute dtype, `param_dtype` the storage one.
 """
 import functools
 from typing import Any, Optional, Sequence, Union
@@ -19,7 +20,6 @@ from mae_jax.models.patches import patchify
 LN_EPS = 1e-6
 Dense = functools.partial(nn.Dense, kernel_init=nn.initializers.xavier_uniform(),
                           bias_init=nn.initializers.zeros)
-LayerNorm = functools.partial(nn.LayerNorm, epsilon=LN_EPS)
 
 
 def gelu(x):
@@ -154,7 +154,7 @@ def drop_path(x, rate, rng):
 def _block_body(blk, x, deterministic, rate, stochastic_depth):
   """The computation of Block / ScanBlock; submodules belong to `blk`."""
   kw = dict(dtype=blk.dtype, param_dtype=blk.param_dtype)
-  norm = functools.partial(LayerNorm, **kw)
+  norm = functools.partial(nn.LayerNorm, epsilon=blk.norm_eps, **kw)
 
   def residual(branch):
     if stochastic_depth and not deterministic:
@@ -180,6 +180,7 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: Any = None
+  norm_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x, deterministic=True):
@@ -221,6 +222,7 @@ class ImageInput(nn.Module):
   # 'decoder_blocks') are stacked on a leading layer axis (see
   # mae_jax.models.scan_layout); per-block drop-path rates are scanned.
   scan_blocks: bool = False
+  norm_eps: float = LN_EPS  # of every LayerNorm (1e-6 as the official code)
 
   def __post_init__(self):
     self.img_size = normalize_img_size(self.img_size)

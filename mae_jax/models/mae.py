@@ -81,12 +81,13 @@ class MaskedAutoencoder(layers.ImageInput):
   def setup(self):
     _ = self.grid_size  # raises when img_size is not divisible by the patch
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm_kw = dict(epsilon=self.norm_eps, **kw)
     token_init = nn.initializers.normal(0.02)
     self.patch_embed = layers.PatchEmbed(self.patch_size, self.embed_dim, **kw)
     self.cls_token = self.param('cls_token', token_init,
                                 (1, 1, self.embed_dim), self.param_dtype)
     self.blocks = block_stack(self, 'blocks', self.depth, self.num_heads)
-    self.norm = layers.LayerNorm(**kw)
+    self.norm = nn.LayerNorm(**norm_kw)
     self.decoder_embed = layers.Dense(self.decoder_embed_dim, **kw)
     self.mask_token = self.param('mask_token', token_init,
                                  (1, 1, self.decoder_embed_dim),
@@ -94,7 +95,7 @@ class MaskedAutoencoder(layers.ImageInput):
     self.decoder_blocks = block_stack(self, 'decoder_blocks',
                                       self.decoder_depth,
                                       self.decoder_num_heads)
-    self.decoder_norm = layers.LayerNorm(**kw)
+    self.decoder_norm = nn.LayerNorm(**norm_kw)
     self.decoder_pred = layers.Dense(
         self.patch_size ** 2 * self.in_chans, **kw)
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mae_jax.models import layers
-from mae_jax.models.batchnorm import TorchBatchNorm1d
+from mae_jax.models.batchnorm import TorchBatchNorm
 from mae_jax.models.blocks import (block_stack, layer_indices, plain_block,
                                    run_stack, run_stack_keeping)
 from mae_jax.models.pos_embed import sincos_2d
@@ -59,6 +59,7 @@ class VisionTransformer(layers.ImageInput):
     outputs are returned beside the tokens, or None."""
     self._check_images(imgs)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(nn.LayerNorm, epsilon=self.norm_eps, **kw)
     x = layers.PatchEmbed(self.patch_size, self.embed_dim, name='patch_embed',
                           **kw)(imgs)
     n = x.shape[0]
@@ -81,18 +82,18 @@ class VisionTransformer(layers.ImageInput):
                                   plain_block(self, self.num_heads))
     if output == 'tokens':
       if not self.global_pool:
-        x = layers.LayerNorm(name='norm', **kw)(x)
+        x = norm(name='norm')(x)
       return x if keep is None else (x, kept)
     if self.global_pool:
-      x = layers.LayerNorm(name='fc_norm', **kw)(jnp.mean(x[:, 1:], axis=1))
+      x = norm(name='fc_norm')(jnp.mean(x[:, 1:], axis=1))
     else:
-      x = layers.LayerNorm(name='norm', **kw)(x)[:, 0]
+      x = norm(name='norm')(x)[:, 0]
     if output == 'pooled':
       return x
     std = 2e-5
     if self.linear_probe:
       std = 0.01
-      x = TorchBatchNorm1d(eps=1e-6, momentum=0.1, name='head_bn')(x, train)
+      x = TorchBatchNorm(eps=1e-6, momentum=0.1, name='head_bn')(x, train)
     head = functools.partial(
         nn.Dense, kernel_init=nn.initializers.truncated_normal(std),
         bias_init=nn.initializers.zeros, dtype=self.dtype,
