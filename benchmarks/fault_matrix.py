@@ -38,8 +38,8 @@ NOTES = """\
 - **SIGKILL** (section 1; `tests/test_reliability.py::test_fault_matrix_ci`
   runs this script with 3 kills and 1 SIGTERM;
   `tests/test_faults_every_task.py::test_sigkill_after_a_checkpoint_resumes_to_the_uninterrupted_state`
-  kills a run of each task, pretraining, fine-tuning and linear probing, right
-  after a checkpoint and compares every saved array with an uninterrupted
+  kills a run of each task, pretraining, fine-tuning, linear probing and
+  pose estimation, right after a checkpoint and compares every saved array with an uninterrupted
   run's). Checkpoints are written by orbax into
   `STEP.orbax-checkpoint-tmp-*` and renamed when complete; a restart deletes
   such leftovers (`cleanup_tmp_directories`) and resumes from the newest
@@ -109,7 +109,7 @@ NOTES = """\
   `tests/test_resume.py::test_resume_refuses_a_trajectory_change_naming_the_field`):
   before restoring, the saved config and model description are compared
   with the current ones: every config field must match except those that do not change the
-  updates (`schema.NOT_TRAJECTORY`: the log, checkpoint, figure and
+  updates (`mae_jax.resume_rules.NOT_TRAJECTORY`: the log, checkpoint, figure and
   eval intervals, keep_checkpoints, mesh, attention, remat,
   fuse_patch_gather, skip_nonfinite, data.on_error);
   `--config.resume_override=FIELD,...` allows named changes (e.g. a longer
@@ -145,10 +145,10 @@ NOTES = """\
   ViT-B state (1.25 GiB), 10.4 s for ViT-L (3.7 GiB) per checkpoint, more
   than the save itself; not yet measured on an accelerator, where it is a
   memory-bandwidth-bound reduction.
-- **Every task**: pretraining, fine-tuning and linear probing run the same
-  loop (`mae_jax/train/loop.py`), so each guarantee above holds for all
-  three; `tests/test_faults_every_task.py` runs the faults for each task
-  through `train.py`.
+- **Every task**: pretraining, fine-tuning, linear probing and pose
+  estimation run the same loop (`mae_jax/train/loop.py`), so each guarantee
+  above holds for all four; `tests/test_faults_every_task.py` runs the
+  faults for each task through `train.py`.
 - **Config and CLI mistakes** (`test_cli_mistakes_are_one_line`,
   `tests/test_train_loop.py::test_bad_config_is_rejected_naming_the_field`):
   invalid values, unknown `--config.x` keys, malformed values and unknown

@@ -1,13 +1,16 @@
-"""The config schema: every field of the three tasks, with its default, the
-values it allows and its check; and the rule for resuming from a checkpoint.
+"""The config schema: every field of the tasks, with its default, the
+values it allows and its check (the rule for resuming from a checkpoint:
+mae_jax.resume_rules).
 
 Tasks: 'pretrain' (MAE pretraining), 'finetune' and 'linprobe' (classifiers
-of a pretrained encoder). `config(task, **values)` is the locked config of a
+of a pretrained encoder), 'pose' (ViTPose, top-down 2D pose; the official
+COCO recipe of Xu et al. 2022, ViTPose_base_coco_256x192.py). `config(task, **values)` is the locked config of a
 task, every field present; configs/*.py build their variants from it.
 `check(config)` runs before anything is compiled. The defaults below are the
 ImageNet recipes of the base model (He et al. 2021, "Masked Autoencoders Are
 Scalable Vision Learners", appendix A.1, Tables 8-10; the official code's
-main_pretrain.py, main_finetune.py and main_linprobe.py).
+main_pretrain.py, main_finetune.py and main_linprobe.py; for pose, the
+ViTPose-B COCO configuration).
 
 Each error is one line naming the field, the bad value and what is allowed.
 """
@@ -20,14 +23,18 @@ from ml_collections.config_dict import placeholder
 
 from mae_jax.errors import ConfigError
 from mae_jax.images import IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS
-from mae_jax.models import MAE_CONFIGS, VIT_CONFIGS
+from mae_jax.models import MAE_CONFIGS, POSE_CONFIGS, VIT_CONFIGS
+from mae_jax.models.pose import HEADS
 from mae_jax.models.geometry import image_hw, normalize_img_size
 
-TASKS = ('pretrain', 'finetune', 'linprobe')
+TASKS = ('pretrain', 'finetune', 'linprobe', 'pose')
 VARIANTS = ('tiny', 'digits', 'base', 'large', 'huge')
 DTYPES = ('float32', 'bfloat16')
 ATTENTION = ('default', 'xla', 'cudnn', 'chunked')
 AUGMENTS = ('pretrain', 'finetune', 'linprobe', 'none')  # data.augment
+POSE_AUGMENTS = ('pose', 'none')  # a pose config's data.augment
+POSE_SOURCES = ('synthetic', 'coco')  # a pose config's data.name
+BLURS = ('official', 'transformers')  # mae_jax.pose.decode
 LOCAL_SOURCES = ('embedded', 'digits', 'folder')
 EMBEDDED_SPLITS = ('all', 'train', 'validation')  # see data.sources.embedded
 DIGITS_SPLITS = ('all', 'train', 'validation')  # see data.digits
@@ -36,22 +43,6 @@ _FIXED_SPLITS = {'embedded': ('the embedded photos', EMBEDDED_SPLITS),
 ON_ERROR = ('skip', 'fail')
 KNN_POOLS = ('cls', 'mean')
 CHANNELS = (1, 3)  # image files decode to grayscale or RGB
-# Resuming is deny-by-default: every config field must equal the one the
-# checkpoint was written with, except these, which change how a run is
-# executed, logged, evaluated or saved but not the updates it computes (mesh
-# and attention kernels change float rounding only; skip_nonfinite and
-# data.on_error only act on a failure, and are how one answers it).
-# Anything else (recipe, schedule, data, model, dtype) needs
-# config.resume_override.
-NOT_TRAJECTORY = ('log_every_steps', 'checkpoint_every_steps',
-                  'keep_checkpoints', 'figure_every_steps',
-                  'eval_every_steps', 'eval_only', 'data.eval_split', 'mesh',
-                  'attention', 'remat', 'fuse_patch_gather', 'skip_nonfinite',
-                  'data.on_error', 'resume_override', 'knn_k',
-                  'knn_temperature', 'knn_pool', 'knn_bank_size')
-# Saved model fields that mirror a NOT_TRAJECTORY config field.
-_MODEL_NOT_TRAJECTORY = ('fuse_patch_gather',)
-
 # Defaults that differ between the tasks (the base model's recipe of each).
 _TASK_DEFAULTS = {
     'pretrain': dict(model='mae_vit_base_patch16', batch_size=4096,
@@ -68,7 +59,15 @@ _TASK_DEFAULTS = {
                      warmup_epochs=10, eval_every_steps=78,
                      figure_every_steps=0, global_pool=False, drop_path=0.0,
                      layer_decay=0.75, mixup=0.0, cutmix=0.0, smoothing=0.0),
+    # lr 5e-4 at batch 512 (64 x 8 GPUs), 210 epochs, warm-up 500 updates;
+    # evaluation every 10 epochs of COCO train2017's 149,813 instances.
+    'pose': dict(model='vitpose_base_patch16', batch_size=512, blr=2.5e-4,
+                 min_lr=0.0, weight_decay=0.1, epochs=210, warmup_epochs=0,
+                 warmup_steps=500, eval_every_steps=2930, figure_every_steps=0, drop_path=0.3,
+                 layer_decay=0.75),
 }
+_REGISTRIES = {'pretrain': MAE_CONFIGS, 'finetune': VIT_CONFIGS,
+               'linprobe': VIT_CONFIGS, 'pose': POSE_CONFIGS}
 
 
 def config(task, **values):
@@ -104,10 +103,17 @@ def config(task, **values):
   else:
     c.init_from = placeholder(str)   # pretrained weights: .pth or mae_jax dir
     c.eval_only = False              # True: evaluate init_from / the workdir
+    c.drop_path = d['drop_path']     # stochastic depth rate
+  if task in ('finetune', 'linprobe'):
     c.num_classes = 0                # 0: from the dataset
     c.global_pool = d['global_pool']  # True: mean of patch tokens + fc_norm;
                                      # False: cls token (linear probing)
-    c.drop_path = d['drop_path']     # stochastic depth rate (fine-tuning)
+  if task == 'pose':
+    c.head = 'classic'               # heatmap head: 'classic' or 'simple'
+    c.num_joints = 17                # COCO's
+    c.sigma = 2.0                    # UDP Gaussian targets, heatmap pixels
+    c.flip_test = True               # evaluation: average with the mirror
+    c.blur = 'official'              # DARK-UDP blur (mae_jax.pose.decode)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'imagenet2012'       # 'embedded', 'digits', 'folder' or a
@@ -125,6 +131,7 @@ def config(task, **values):
   c.data.mean = IMAGENET_MEAN        # per channel, of [0, 1] pixels:
   c.data.std = IMAGENET_STD          # --config.data.mean=(0.5,) for 1 channel
   c.data.augment = task              # training transform, one of AUGMENTS
+                                     # (pose: 'pose' or 'none')
   c.data.on_error = 'skip'           # unreadable image files: 'skip' | 'fail'
   c.data.max_pixels = MAX_PIXELS     # larger images are skipped (PIL's
                                      # MAX_IMAGE_PIXELS)
@@ -134,6 +141,18 @@ def config(task, **values):
                                      # examples
   c.data.image_key = 'image'         # TFDS feature names
   c.data.label_key = 'label'
+  if task == 'pose':  # data.name: 'synthetic' (embedded) or 'coco' (data_dir
+    # with annotations/person_keypoints_<split>.json and <split>/ images)
+    c.data.name, c.data.split, c.data.eval_split = 'coco', 'train2017', 'val2017'
+    c.data.image_size = (256, 192)   # the model input (H, W)
+    c.data.detections = placeholder(str)  # eval boxes: COCO detection
+                                     # results JSON; None: ground truth
+    c.data.det_score_threshold = 0.0  # detections below it are dropped
+    c.data.flip_prob = 0.5           # the official training transforms
+    c.data.half_body_prob = 0.3
+    c.data.half_body_joints = 8      # visible joints needed for half body
+    c.data.scale_factor = 0.5        # box scale 1 +- this (clipped normal)
+    c.data.rot_factor = 40.0         # rotation, degrees (clipped normal)
 
   c.batch_size = d['batch_size']     # global batch of one micro-step
   c.accum_iter = 1                   # effective batch = batch_size * accum_iter
@@ -145,6 +164,14 @@ def config(task, **values):
   else:
     c.layer_decay = d['layer_decay']  # layer-wise lr decay (fine-tuning)
     c.clip_grad = placeholder(float)  # max global gradient norm; None: off
+  if task == 'pose':
+    c.clip_grad = 1.0
+    c.layer_decay_depth = 12         # the decay's layer count (the official
+                                     # num_layers: 12 B, 16 L, 32 H)
+    c.lr_decay_at = (170 / 210, 200 / 210)  # fractions of the run where
+    c.lr_decay_factor = 0.1          # the lr is multiplied by this
+    c.warmup_ratio = 0.001           # warm-up starts at this fraction
+  if task in ('finetune', 'linprobe'):
     c.mixup = d['mixup']             # Beta alpha; 0 disables
     c.cutmix = d['cutmix']           # Beta alpha; 0 disables
     c.mixup_prob = 1.0               # chance a batch is mixed at all
@@ -153,7 +180,7 @@ def config(task, **values):
   c.epochs = d['epochs']
   c.warmup_epochs = d['warmup_epochs']
   c.total_steps = 0                  # optimizer updates; > 0 overrides epochs
-  c.warmup_steps = 0                 # > 0 overrides warmup_epochs
+  c.warmup_steps = d.get('warmup_steps', 0)  # > 0 overrides warmup_epochs
 
   c.seed = 0
   c.mesh = (-1, 1)                   # (data, fsdp); -1: the remaining devices
@@ -168,7 +195,7 @@ def config(task, **values):
                                      # but the logging/checkpoint/execution
                                      # ones must match its checkpoint)
   c.lock()
-  flat, fields = _flat(values), _flat(c.to_dict())
+  flat, fields = flat_fields(values), flat_fields(c.to_dict())
   for name in flat:
     if name not in fields:
       raise ConfigError(f'the {task} config has no field {name!r}')
@@ -262,18 +289,33 @@ _PRETRAIN = {
     'b2': _number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'),
     'knn_k': _int(1), 'knn_temperature': _POSITIVE, 'knn_bank_size': _int(1),
 }
-_CLASSIFIER = {
-    'eval_only': _BOOL, 'global_pool': _BOOL,
+_DOWNSTREAM = {  # the tasks that start from pretrained weights
+    'eval_only': _BOOL,
     'init_from': (lambda v: v is None or _name(v),
                   'must be a path or None'),
-    'num_classes': (_int(0)[0], 'must be >= 0 (0: taken from the dataset)'),
     'drop_path': _number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'),
     'layer_decay': _number(lambda v: 0 < v <= 1, 'must lie in (0, 1]'),
     'clip_grad': _number(lambda v: v > 0, 'must be > 0', none=True),
-    'mixup': _NON_NEGATIVE, 'cutmix': _NON_NEGATIVE,
-    'mixup_prob': _PROBABILITY, 'mixup_switch_prob': _PROBABILITY,
-    'smoothing': _number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'),
 }
+_CLASSIFIER = dict(
+    _DOWNSTREAM, global_pool=_BOOL,
+    num_classes=(_int(0)[0], 'must be >= 0 (0: taken from the dataset)'),
+    mixup=_NON_NEGATIVE, cutmix=_NON_NEGATIVE, mixup_prob=_PROBABILITY,
+    mixup_switch_prob=_PROBABILITY,
+    smoothing=_number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'))
+_POSE = dict(
+    _DOWNSTREAM, flip_test=_BOOL, num_joints=_int(1), sigma=_POSITIVE,
+    layer_decay_depth=_int(1),
+    lr_decay_factor=_number(lambda v: 0 < v <= 1, 'must lie in (0, 1]'),
+    warmup_ratio=_PROBABILITY, **{
+        'data.det_score_threshold': _NON_NEGATIVE,
+        'data.flip_prob': _PROBABILITY, 'data.half_body_prob': _PROBABILITY,
+        'data.half_body_joints': _int(1), 'data.scale_factor': _NON_NEGATIVE,
+        'data.rot_factor': _NON_NEGATIVE,
+        'data.detections': (lambda v: v is None or _name(v),
+                            'must be a path or None')})
+_RULES = {'pretrain': _PRETRAIN, 'finetune': _CLASSIFIER,
+          'linprobe': _CLASSIFIER, 'pose': _POSE}
 
 
 def _get(config, field):
@@ -295,18 +337,23 @@ def check(config):
   (config.mesh is checked against the devices by train.sharding.make_mesh.)
   """
   _one_of(config, 'task', TASKS)
-  registry = MAE_CONFIGS if config.task == 'pretrain' else VIT_CONFIGS
+  registry = _REGISTRIES[config.task]
+  pose = config.task == 'pose'
   for field, allowed in (('variant', VARIANTS), ('model', tuple(registry)),
                          ('dtype', DTYPES), ('attention', ATTENTION),
                          ('data.on_error', ON_ERROR)):
     _one_of(config, field, allowed)
   if config.task == 'pretrain':
     _one_of(config, 'knn_pool', KNN_POOLS)
-  if config.data.augment not in AUGMENTS:  # worded as augment's own error
+  if pose:
+    for field, allowed in (('head', HEADS), ('blur', BLURS),
+                           ('data.name', POSE_SOURCES)):
+      _one_of(config, field, allowed)
+  augments = POSE_AUGMENTS if pose else AUGMENTS
+  if config.data.augment not in augments:  # worded as augment's own error
     raise ConfigError(f'unknown data.augment={config.data.augment!r}; '
-                      f'allowed: {", ".join(map(repr, AUGMENTS))}')
-  rules = dict(_COMMON, **(_PRETRAIN if config.task == 'pretrain'
-                           else _CLASSIFIER))
+                      f'allowed: {", ".join(map(repr, augments))}')
+  rules = dict(_COMMON, **_RULES[config.task])
   for field, (ok, allowed) in rules.items():
     value = _get(config, field)
     if not ok(value):
@@ -329,21 +376,40 @@ def check(config):
       if data[field] not in splits:
         raise ConfigError(f'config.data.{field}={data[field]!r} is not a '
                           f'split of {what}; allowed: {", ".join(splits)}')
-  if data.name == 'folder' and not data.data_dir:
+  if pose:
+    _check_pose(config)
+  elif data.name == 'folder' and not data.data_dir:
     raise ConfigError("config.data.data_dir is required for "
                       "config.data.name='folder' (DIR/<split>/<class>/*.jpg)")
-  if data.name not in LOCAL_SOURCES and not data.data_dir:
+  elif data.name not in LOCAL_SOURCES and not data.data_dir:
     raise ConfigError(f'config.data.data_dir is required for the tfds dataset '
                       f'config.data.name={data.name!r}; use one of '
                       f'{", ".join(LOCAL_SOURCES)} or a tfds name with its '
                       'data_dir')
 
 
-def _flat(tree, prefix=''):
+def _check_pose(config):
+  """The pose fields that need more than one value's check."""
+  steps = config.lr_decay_at
+  if (not isinstance(steps, (list, tuple)) or list(steps) != sorted(steps)
+      or not all(isinstance(v, numbers.Real) and 0 < v < 1 for v in steps)):
+    raise ConfigError(f'config.lr_decay_at={steps!r} must be increasing '
+                      'fractions of the run in (0, 1), e.g. (0.8, 0.95)')
+  if config.data.name == 'coco' and not config.data.data_dir:
+    raise ConfigError("config.data.data_dir is required for "
+                      "config.data.name='coco' (DIR/annotations/person_"
+                      "keypoints_<split>.json and DIR/<split>/*.jpg)")
+  if config.data.channels != 3:
+    raise ConfigError(f'config.data.channels={config.data.channels} is not '
+                      'supported for pose: the crops are RGB')
+
+
+def flat_fields(tree, prefix=''):
+  """{'data.image_size': value, ...} of a nested dict."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
+      out.update(flat_fields(v, f'{prefix}{k}.'))
     else:
       out[f'{prefix}{k}'] = v
   return out
@@ -353,47 +419,10 @@ def resume_overrides(config):
   """Field names of config.resume_override ('total_steps,epochs'), each a
   config field; raises ConfigError naming one that is not."""
   names = [n.strip() for n in config.resume_override.split(',') if n.strip()]
-  fields = _flat(json.loads(config.to_json()))
+  fields = flat_fields(json.loads(config.to_json()))
   for name in names:
     if name not in fields:
       raise ConfigError(f'config.resume_override names {name!r}, which is '
                         'not a config field (write nested ones as '
                         'data.image_size)')
   return names
-
-
-def check_resume(config, saved_config, model, saved_model, where):
-  """Compares a run with the checkpoint at `where` (its saved config and
-  model description, JSON dicts) before it is restored.
-
-  Every config field must be equal, except NOT_TRAJECTORY and the fields
-  named in config.resume_override; fields absent from either side (added
-  to the configs after the checkpoint was written) are not compared.
-  Raises ConfigError naming every differing field; returns one
-  'FIELD: OLD -> NEW' string per difference resume_override allowed.
-  """
-  now = _flat(json.loads(config.to_json()))
-  then = _flat(saved_config)
-  allowed = resume_overrides(config)
-  differ = [k for k in now if k in then and then[k] != now[k]
-            and k not in NOT_TRAJECTORY]
-  overridden = [f'{k}: {then[k]!r} -> {now[k]!r}' for k in differ
-                if k in allowed]
-  diffs = [f'{k}={then[k]!r} (checkpoint) != {now[k]!r} (now)'
-           for k in differ if k not in allowed]
-  if not diffs:  # same config fields; the module itself may still differ
-    fields = json.loads(json.dumps(model))
-    diffs = [f'model.{k}={v!r} (checkpoint) != {fields["fields"].get(k)!r} '
-             '(now)' for k, v in saved_model.get('fields', {}).items()
-             if fields['fields'].get(k) != v
-             and k not in _MODEL_NOT_TRAJECTORY]
-    if saved_model.get('class') != fields['class']:
-      diffs.insert(0, f'model class {saved_model.get("class")!r} '
-                   f'(checkpoint) != {fields["class"]!r} (now)')
-  if diffs:
-    raise ConfigError(
-        f'checkpoint {where} was written by another config: '
-        f'{"; ".join(diffs)}; resuming would change the run. Use its config, '
-        'another --workdir, or allow the change with '
-        '--config.resume_override=FIELD[,FIELD...]')
-  return overridden

@@ -1,5 +1,5 @@
 """The fault guarantees of every training task (pretraining, fine-tuning,
-linear probing), through `train.py` as a user runs it: SIGKILL and SIGTERM
+linear probing, pose estimation), through `train.py` as a user runs it: SIGKILL and SIGTERM
 resume to the uninterrupted state, a non-finite loss stops or is skipped, a
 full disk, a changed config and a busy workdir each stop in one line, and
 `mae_jax.load` reads every task's workdir.
@@ -27,14 +27,16 @@ import mae_jax
 from mae_jax.train.workdir import WorkdirLock, WorkdirLocked
 from tests.helpers import ROOT, checkpoint_steps, cpu_env
 
-TASKS = ('pretrain', 'finetune', 'linprobe')
+TASKS = ('pretrain', 'finetune', 'linprobe', 'pose')
 TOTAL = 6  # updates; a checkpoint every 2
 TINY = [f'--config.total_steps={TOTAL}', '--config.warmup_steps=2',
         '--config.checkpoint_every_steps=2', '--config.batch_size=8',
         '--config.log_every_steps=1', '--config.data.image_size=32']
 PER_TASK = {'pretrain': ['--config.figure_every_steps=0'],
             'finetune': [f'--config.eval_every_steps={TOTAL}'],
-            'linprobe': [f'--config.eval_every_steps={TOTAL}']}
+            'linprobe': [f'--config.eval_every_steps={TOTAL}'],
+            'pose': [f'--config.eval_every_steps={TOTAL}',
+                     '--config.figure_every_steps=0']}
 STARTED = re.compile(r'(?:starting|resuming at) step (\d+)/')
 PREEMPTED = re.compile(r'preempted \(SIGTERM\): saved step (\d+)/')
 # train.py with batch 3 of every training iterator all NaN: sys.argv[1:]
@@ -44,14 +46,21 @@ import runpy, sys
 import numpy as np
 sys.path.insert(0, {ROOT!r})
 from mae_jax.data import pipeline
+from mae_jax.pose import data as pose_data
+def nan_at_3(batches, start):
+  for i, batch in enumerate(batches, start=start):
+    if i == 3:
+      batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+    yield batch
 real = pipeline.make_iterator
 def make_iterator(*args, start_step=0, train=True, **kwargs):
   it = real(*args, start_step=start_step, train=train, **kwargs)
-  for i, batch in enumerate(it, start=start_step):
-    if train and i == 3:
-      batch = dict(batch, image=np.full_like(batch['image'], np.nan))
-    yield batch
+  return nan_at_3(it, start_step) if train else it
 pipeline.make_iterator = make_iterator
+real_pose = pose_data.train_batches
+def pose_batches(*args):  # (..., start_micro, process_index, process_count)
+  return nan_at_3(real_pose(*args), args[7])
+pose_data.train_batches = pose_batches
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')
 """

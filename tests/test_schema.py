@@ -7,11 +7,12 @@ import re
 import numpy as np
 import pytest
 
-from configs import finetune, linprobe, pretrain
-from mae_jax import schema
+from configs import finetune, linprobe, pose, pretrain
+from mae_jax import resume_rules, schema
 from mae_jax.errors import ConfigError
 
-MODULES = {'pretrain': pretrain, 'finetune': finetune, 'linprobe': linprobe}
+MODULES = {'pretrain': pretrain, 'finetune': finetune, 'linprobe': linprobe,
+           'pose': pose}
 COMMON = ('task', 'variant', 'model', 'dtype', 'attention', 'remat',
           'scan_blocks', 'seed', 'mesh', 'batch_size', 'accum_iter', 'blr',
           'min_lr', 'weight_decay', 'epochs', 'warmup_epochs', 'total_steps',
@@ -27,11 +28,20 @@ PRETRAIN_ONLY = ('mask_ratio', 'norm_pix_loss', 'b1', 'b2',
 CLASSIFIER_ONLY = ('init_from', 'eval_only', 'num_classes', 'global_pool',
                    'drop_path', 'layer_decay', 'clip_grad', 'mixup', 'cutmix',
                    'mixup_prob', 'mixup_switch_prob', 'smoothing')
+POSE_ONLY = ('init_from', 'eval_only', 'drop_path', 'layer_decay', 'clip_grad',
+             'head', 'num_joints', 'sigma', 'flip_test', 'blur',
+             'layer_decay_depth', 'lr_decay_at', 'lr_decay_factor',
+             'warmup_ratio')
+POSE_DATA = ('detections', 'det_score_threshold', 'flip_prob',
+             'half_body_prob', 'half_body_joints', 'scale_factor',
+             'rot_factor')
+OWN = {'pretrain': PRETRAIN_ONLY, 'finetune': CLASSIFIER_ONLY,
+       'linprobe': CLASSIFIER_ONLY, 'pose': POSE_ONLY}
 
 
 def _variants():
   for task, module in MODULES.items():
-    for variant in schema.VARIANTS:
+    for variant in (pose.VARIANTS if task == 'pose' else schema.VARIANTS):
       yield task, module, variant
 
 
@@ -40,9 +50,9 @@ def test_every_task_config_holds_every_common_field(task):
   """Each task holds the common fields, the data fields and its own ones,
   and nothing else."""
   config = schema.config(task)
-  own = PRETRAIN_ONLY if task == 'pretrain' else CLASSIFIER_ONLY
-  assert set(config) == set(COMMON) | set(own)
-  assert set(config.data) == set(DATA)
+  assert set(config) == set(COMMON) | set(OWN[task])
+  assert set(config.data) == set(DATA) | set(
+      POSE_DATA if task == 'pose' else ())
   assert config.task == task and config.data.augment == task
   assert config.skip_nonfinite is False
   assert (config.eval_every_steps == 0) == (task == 'pretrain')
@@ -59,7 +69,7 @@ def test_schema_defaults_are_the_base_recipes(task):
 def test_every_variant_passes_the_check(task, module, variant):
   config = module.get_config(variant)
   assert (config.task, config.variant) == (task, variant)
-  if config.data.name not in schema.LOCAL_SOURCES:
+  if config.data.name not in schema.LOCAL_SOURCES + ('synthetic',):
     with pytest.raises(ConfigError, match='data_dir is required'):
       schema.check(config)
     config.data.data_dir = '/data/tfds'
@@ -153,7 +163,7 @@ def test_not_trajectory_names_fields_of_the_tasks():
   for task in schema.TASKS:
     config = schema.config(task)
     fields |= set(config) | {f'data.{k}' for k in config.data}
-  assert set(schema.NOT_TRAJECTORY) <= fields
+  assert set(resume_rules.NOT_TRAJECTORY) <= fields
 
 
 def test_image_fields_are_checked_and_normalised():

@@ -15,7 +15,7 @@ three differences, all of the official code:
 
 Heads (images (N, H, W, C) -> heatmaps (N, H/4, W/4, num_joints), NHWC):
 - 'classic' (mmpose TopdownHeatmapSimpleHead): 2 x [ConvTranspose 4x4
-  stride 2 padding 1, no bias, `head_width` channels -> BatchNorm (PyTorch's
+  stride 2 padding 1 (computed by output phase), no bias, `head_width` channels -> BatchNorm (PyTorch's
   BatchNorm2d; running statistics in 'batch_stats') -> ReLU], then a 1x1
   conv to the joints;
 - 'simple': ReLU -> bilinear upsampling x4 (align_corners=False) -> 3x3 conv
@@ -36,32 +36,45 @@ _HEAD_INIT = nn.initializers.normal(0.001)  # the official heads' conv init
 
 
 class ConvTranspose(nn.Module):
-  """torch.nn.ConvTranspose2d(kernel k, stride s, padding p, no bias), NHWC.
+  """torch.nn.ConvTranspose2d(kernel 4, stride 2, padding 1, no bias), the
+  classic head's upsampling, NHWC: (N, h, w, C_in) -> (N, 2h, 2w, C_out).
 
-  The kernel is stored (k, k, C_in, C_out): PyTorch's (C_in, C_out, k, k)
-  weight with its spatial axes first, unflipped. The transposed convolution
-  is computed as a convolution of the s-dilated input, padded by k - 1 - p,
-  with the spatially flipped kernel. (N, h, w, C_in) -> (N, (h-1)s - 2p + k,
-  (w-1)s - 2p + k, C_out).
+  The kernel is stored (4, 4, C_in, C_out): PyTorch's (C_in, C_out, 4, 4)
+  weight with its spatial axes first. Computed as four 2 x 2 convolutions
+  of the input, one per output phase, interleaved: along each axis, output
+  2a takes x[a - 1] * W[3] + x[a] * W[1] and output 2a + 1 takes
+  x[a] * W[2] + x[a + 1] * W[0] (out = 2 * in - 2 * padding + kernel - 2,
+  input index (out + padding - tap) / stride). A quarter of the work of the
+  zero-dilated convolution, with the same sums.
   """
   features: int
-  kernel_size: int = 4
-  stride: int = 2
-  padding: int = 1
   dtype: object = jnp.float32
   param_dtype: object = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    k = self.kernel_size
     kernel = self.param('kernel', _HEAD_INIT,
-                        (k, k, x.shape[-1], self.features), self.param_dtype)
-    pad = k - 1 - self.padding
-    return jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel[::-1, ::-1].astype(self.dtype),
-        window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
-        lhs_dilation=(self.stride, self.stride),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                        (4, 4, x.shape[-1], self.features), self.param_dtype)
+    kernel = kernel.astype(self.dtype)
+    x = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    n, hp, wp, _ = x.shape
+    h, w = hp - 2, wp - 2
+    # phase -> (first padded input row of the window, taps in window order)
+    taps = {0: (0, (3, 1)), 1: (1, (2, 0))}
+    phases = []
+    for ry in (0, 1):
+      row = []
+      y0, ty = taps[ry]
+      for rx in (0, 1):
+        x0, tx = taps[rx]
+        k = kernel[jnp.array(ty)][:, jnp.array(tx)]  # (2, 2, C_in, C_out)
+        out = jax.lax.conv_general_dilated(
+            x[:, y0:y0 + h + 1, x0:x0 + w + 1], k, (1, 1), 'VALID',
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        row.append(out)
+      phases.append(jnp.stack(row, axis=3))  # (N, h, w, 2, C_out)
+    out = jnp.stack(phases, axis=2)  # (N, h, 2, w, 2, C_out)
+    return out.reshape(n, 2 * h, 2 * w, self.features)
 
 
 class ViTPose(layers.ImageInput):
@@ -159,10 +172,10 @@ POSE_CONFIGS = {
     'vitpose_tiny_patch8': dict(img_size=(128, 96), patch_size=8,
                                 embed_dim=192, depth=4, num_heads=3,
                                 drop_path_rate=0.1, head_width=64),
-    'vitpose_base_patch16': dict(embed_dim=768, depth=12, num_heads=12,
-                                 drop_path_rate=0.3),
-    'vitpose_large_patch16': dict(embed_dim=1024, depth=24, num_heads=16,
-                                  drop_path_rate=0.5),
-    'vitpose_huge_patch16': dict(embed_dim=1280, depth=32, num_heads=16,
-                                 drop_path_rate=0.55),
+    'vitpose_base_patch16': dict(patch_size=16, embed_dim=768, depth=12,
+                                 num_heads=12, drop_path_rate=0.3),
+    'vitpose_large_patch16': dict(patch_size=16, embed_dim=1024, depth=24,
+                                  num_heads=16, drop_path_rate=0.5),
+    'vitpose_huge_patch16': dict(patch_size=16, embed_dim=1280, depth=32,
+                                 num_heads=16, drop_path_rate=0.55),
 }

@@ -5,6 +5,10 @@ UDP-unbiased crop and DARK-UDP decoding of the official code
 (ViTAE-Transformer/ViTPose, built on mmpose).
 
 `keypoints` holds the COCO joint constants, `topdown` the person crops that
-become model inputs, `decode` heatmaps -> image keypoints, `figure` the
-drawings (matplotlib, extra `viz`).
+become model inputs, `decode` heatmaps -> image keypoints, `estimate` the
+inference of one image, `figure` the drawings (matplotlib, extra `viz`);
+`layout` and `convert` the checkpoint layouts. Training: `coco` the
+annotation files, `synthetic` the generated keypoint set, `augment` the
+random training samples, `targets` the UDP heatmap targets and the loss,
+`data` the batches, `metrics` OKS AP and PCK.
 """

@@ -140,7 +140,7 @@ def detect_official(state, source, model_name=None, img_size=None):
   depth = len({m.group(1) for m in map(_BLOCK.match, state) if m})
   if model_name is None:
     model_name = next((n for n, c in POSE_CONFIGS.items()
-                       if (c.get('patch_size', 16), c['embed_dim'], c['depth'])
+                       if (c['patch_size'], c['embed_dim'], c['depth'])
                        == (patch, width, depth)), None)
     if model_name is None:
       raise CheckpointError(

@@ -12,7 +12,7 @@ pass, no host copy) and starts an asynchronous write; `SaveWatch` notices a
 failed write (a full disk) at the next update and reports it once
 (CheckpointSaveError, naming the older checkpoints, which are intact).
 Restoring first compares the saved config with the run's
-(schema.check_resume), then verifies every restored leaf against its
+(resume_rules.check_resume), then verifies every restored leaf against its
 checksum; a corrupt step is moved aside to WORKDIR/corrupt_checkpoints/ and
 the newest intact one is used instead, with a note saying so.
 """
@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from mae_jax import checkpoint, checksums, paths
 from mae_jax.errors import (CheckpointSaveError, CorruptCheckpointError,
                             NonFiniteError)
-from mae_jax.schema import check_resume
+from mae_jax.resume_rules import check_resume
 from mae_jax.train.task import all_finite
 
 
@@ -124,7 +124,7 @@ def meta(config, step, **extra):
 
 
 def check_saved_config(mngr, step, config, model):
-  """(meta, overrides) of checkpoint `step`, after schema.check_resume
+  """(meta, overrides) of checkpoint `step`, after resume_rules.check_resume
   compared its saved config and model description with `config` and
   `model` (refusing a run they would change)."""
   saved = mngr.restore(step, args=ocp.args.Composite(

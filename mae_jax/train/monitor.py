@@ -210,18 +210,24 @@ class Monitor:
     statistics the images were normalised with."""
     if not self.active:
       return None
-    from PIL import Image
     from mae_jax.figures import save_reconstruction_figure
     png = io.BytesIO()
     save_reconstruction_figure(png, imgs, pred, mask, patch_size,
                                norm_pix_loss, title=f'step {step}',
                                mean=mean, std=std)
+    return self.write_figure(step, png.getvalue(), 'reconstruction')
+
+  def write_figure(self, step, png, tag):
+    """Writes the PNG bytes `png` as WORKDIR/figures/step_N.png and as the
+    TensorBoard image `tag`; returns the path."""
+    if not self.active:
+      return None
+    from PIL import Image
     path = self.workdir / 'figures' / f'step_{step:07d}.png'
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png.getvalue())
-    png.seek(0)
-    image = np.asarray(Image.open(png).convert('RGB'))
-    self.tb.add_image('reconstruction', image, step, dataformats='HWC')
+    path.write_bytes(png)
+    image = np.asarray(Image.open(io.BytesIO(png)).convert('RGB'))
+    self.tb.add_image(tag, image, step, dataformats='HWC')
     print(f'figure: {paths.shown(path)}', flush=True)
     return path
 

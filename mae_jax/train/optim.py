@@ -13,6 +13,7 @@ lr decay scales each slice by its own block's factor.
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -41,6 +42,25 @@ def warmup_cosine(peak_lr, warmup_steps, total_steps, min_lr=0.0):
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
       decay_steps=total_steps, end_value=min_lr)
+
+
+def warmup_step_decay(peak_lr, warmup_steps, total_steps, decay_at,
+                      factor=0.1, warmup_ratio=0.001):
+  """The step policy with linear warm-up of mmcv's runner, as the official
+  ViTPose recipe uses it: lr = peak_lr * factor ** (number of boundaries
+  passed), the boundaries at fractions `decay_at` of total_steps (170 / 210
+  and 200 / 210 of the epochs); during the first warmup_steps updates the
+  lr is multiplied by 1 - (1 - step / warmup_steps) * (1 - warmup_ratio).
+  """
+  boundaries = jnp.asarray([round(f * total_steps) for f in decay_at])
+
+  def schedule(step):
+    regular = peak_lr * factor ** jnp.sum(step >= boundaries)
+    if not warmup_steps:
+      return regular
+    ramp = 1 - (1 - step / warmup_steps) * (1 - warmup_ratio)
+    return jnp.where(step < warmup_steps, regular * ramp, regular)
+  return schedule
 
 
 def decay_mask(params, no_decay=()):
@@ -77,13 +97,12 @@ def layer_id(name, depth):
 def layer_scales(params, depth, layer_decay):
   """lr scale per parameter: layer_decay ** (depth + 1 - layer_id). A leaf
   of the stacked 'blocks' (scan_blocks) gets an array of shape
-  (depth, 1, ..., 1) holding block i's scale in row i."""
+  (blocks, 1, ..., 1) holding block i's scale in row i. `depth` is the
+  model's depth, or the layer count the official ViTPose-L recipe uses (16
+  for its 24 blocks, whose top blocks then get scales above 1)."""
   def scale(name, x):
     if name.split('/')[0] == 'blocks':
-      if x.shape[0] != depth:
-        raise ValueError(f'{name}: stacked layer axis of size {x.shape[0]} '
-                         f'!= depth {depth}')
-      per_block = layer_decay ** (depth + 1 - np.arange(1, depth + 1))
+      per_block = layer_decay ** (depth + 1 - np.arange(1, x.shape[0] + 1))
       return per_block.reshape((depth,) + (1,) * (x.ndim - 1)).astype(
           x.dtype)
     return layer_decay ** (depth + 1 - layer_id(name, depth))

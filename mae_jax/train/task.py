@@ -77,8 +77,7 @@ class Task:
       raise ConfigError(f'config.batch_size={config.batch_size} is not '
                         f'divisible by the {devices} devices of the mesh')
     self.model = self.build_model()
-    self.schedule, self.total_steps = schedule_for(config,
-                                                   self.steps_per_epoch)
+    self.schedule, self.total_steps = self.make_schedule()
     abstract = jax.eval_shape(self.init_variables, jax.random.key(0))
     self.tx = self.optimizer(self.trainable(abstract))
     abstract['opt_state'] = jax.eval_shape(self.tx.init,
@@ -97,6 +96,11 @@ class Task:
   def build_model(self):
     """The flax module trained (its config fields from self.config)."""
     raise NotImplementedError
+
+  def make_schedule(self):
+    """(lr schedule over updates, total updates); default: warm-up and
+    half-cycle cosine (`schedule_for`)."""
+    return schedule_for(self.config, self.steps_per_epoch)
 
   def steps_per_epoch(self):
     """Updates per epoch of the training data (default: config.data read by
