@@ -20,8 +20,8 @@ BLURS = ('official', 'transformers')
 def flip_back(heatmaps, flip_pairs):
   """Heatmaps (P, h, w, K) of horizontally mirrored crops -> heatmaps of
   the original crops: the w axis reversed and the joints of every
-  (left, right) pair in `flip_pairs` exchanged."""
-  heatmaps = np.asarray(heatmaps)
+  (left, right) pair in `flip_pairs` exchanged. NumPy or JAX arrays (it
+  runs inside jitted functions too)."""
   order = np.arange(heatmaps.shape[-1])
   for left, right in flip_pairs:
     order[left], order[right] = right, left

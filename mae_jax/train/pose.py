@@ -44,14 +44,6 @@ def build_model(config):
       scan_blocks=config.scan_blocks)
 
 
-def flip_swap():
-  """Joint order of mirrored COCO heatmaps: the flip pairs swapped."""
-  order = list(range(NUM_KEYPOINTS))
-  for a, b in FLIP_PAIRS:
-    order[a], order[b] = b, a
-  return np.asarray(order)
-
-
 def load_pretrained(init_from, model, rng):
   """(variables, what was taken) for `model` from `init_from`: a ViTPose
   checkpoint of the same shape whole, else MAE / ViT weights as the
@@ -172,8 +164,7 @@ class PoseTask(Task):
     out = self.model.apply(variables, images).astype(jnp.float32)
     if self.config.flip_test:
       mirrored = self.model.apply(variables, images[:, :, ::-1])
-      swapped = mirrored.astype(jnp.float32)[:, :, ::-1][
-          ..., flip_swap()]
+      swapped = decode.flip_back(mirrored.astype(jnp.float32), FLIP_PAIRS)
       out = 0.5 * (out + swapped)
     return out
 
