@@ -13,7 +13,7 @@ DEMO_EXTRAS := [data,viz]
 
 help:
 	@echo "make demo   # install mae_jax[data,viz] in $(VENV), pretrain a tiny MAE on CPU"
-	@echo "make test   # install mae_jax[test] in $(VENV), run the test suite"
+	@echo "make test   # install mae_jax[test] (and libtpu apart) in $(VENV), run the test suite"
 
 # pip stays quiet (-q) but keeps a full log; a failed install says where it is.
 define pip_install
@@ -37,8 +37,21 @@ $(VENV)/.test-installed: setup.py | $(PY)
 	$(call pip_install,[test])
 	@touch $@ $(VENV)/.demo-installed
 
-test: $(VENV)/.test-installed
-	$(PY) -m pytest -q tests
+# libtpu, for the TPU compile tests (tests/test_tpu_aot.py), in its own folder
+# rather than the venv's site-packages: installed there, JAX probes for a TPU
+# at every start (seconds, and warnings) even with none present. The version
+# is the one jax's own [tpu] extra asks for.
+LIBTPU_DIR := $(VENV)/libtpu
+LIBTPU_REQ = $$($(PY) -c 'import importlib.metadata as m; print(next(r.split(";")[0] for r in m.requires("jax") if r.startswith("libtpu")))')
+
+$(LIBTPU_DIR)/.installed: $(VENV)/.test-installed
+	@echo "installing libtpu into $(LIBTPU_DIR) (compiles for TPU in the tests)"
+	@$(PY) -m pip install -q --log $(PIP_LOG) --no-deps --target $(LIBTPU_DIR) "$(LIBTPU_REQ)" \
+	  || { echo "pip install libtpu failed; full log: $(PIP_LOG)" >&2; exit 1; }
+	@touch $@
+
+test: $(VENV)/.test-installed $(LIBTPU_DIR)/.installed
+	TPU_LIBRARY_PATH=$(CURDIR)/$(LIBTPU_DIR)/libtpu/libtpu.so $(PY) -m pytest -q tests
 
 # Tiny MAE pretraining on the embedded photographs, on CPU (minutes).
 demo: $(VENV)/.demo-installed

@@ -96,7 +96,8 @@ setup(
         'digits': DIGITS_REQUIRES,
         'pose': POSE_REQUIRES,
         'test': TEST_REQUIRES,
-        # Accelerators: jax's own plugin extras, at the tested jax.
+        # Accelerators: jax's own plugin extras, at the tested jax. [tpu] also
+        # lets benchmarks/tpu_aot.py compile for TPU slices on a CPU host.
         'tpu': ['jax[tpu]>=0.10.2'],
         'cuda': ['jax[cuda13]>=0.10.2'],   # CUDA 13 wheels, NVIDIA driver >= 580
         'cuda12': ['jax[cuda12]>=0.10.2'],  # older drivers

@@ -151,8 +151,22 @@ def drop_path(x, rate, rng):
   return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
+def batch_sharded(x):
+  """`x` with its leading (batch) axis split over every axis of the mesh in
+  context (`jax.sharding.use_abstract_mesh`), as the training step splits its batches; `x`
+  itself outside a mesh context. Pinning the activations there makes XLA
+  gather FSDP-sharded weights for each matrix product instead of gathering
+  the whole batch's activations (docs/TPU.md, "FSDP")."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or x.shape[0] % mesh.size:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, jax.sharding.PartitionSpec(mesh.axis_names))
+
+
 def _block_body(blk, x, deterministic, rate, stochastic_depth):
   """The computation of Block / ScanBlock; submodules belong to `blk`."""
+  x = batch_sharded(x)
   kw = dict(dtype=blk.dtype, param_dtype=blk.param_dtype)
   norm = functools.partial(nn.LayerNorm, epsilon=blk.norm_eps, **kw)
 
@@ -165,7 +179,7 @@ def _block_body(blk, x, deterministic, rate, stochastic_depth):
                          name='attn', **kw)(norm(name='norm1')(x)))
   hidden = int(x.shape[-1] * blk.mlp_ratio)
   x = residual(Mlp(hidden, name='mlp', **kw)(norm(name='norm2')(x)))
-  return x
+  return batch_sharded(x)
 
 
 class Block(nn.Module):

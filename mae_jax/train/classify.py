@@ -100,6 +100,9 @@ class ClassifyTask(Task):
   def init_variables(self, key):
     return self.model.init(key, self.input_zeros())
 
+  def example_spec(self):
+    return {**super().example_spec(), 'label': ((), jnp.int32)}
+
   def pretrained(self, key):
     if not self.config.init_from:
       return None

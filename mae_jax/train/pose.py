@@ -133,6 +133,12 @@ class PoseTask(Task):
   def init_variables(self, key):
     return self.model.init(key, jnp.zeros((1, *self.input_hw, 3)))
 
+  def example_spec(self):
+    k, (h, w) = self.config.num_joints, self.model.heatmap_size
+    return {'image': ((*self.input_hw, 3), jnp.float32),
+            'target': ((h, w, k), jnp.float32),
+            'target_weight': ((k,), jnp.float32)}
+
   def pretrained(self, key):
     if not self.config.init_from:
       return None

@@ -87,7 +87,7 @@ class Task:
     batch = sharding.batch_sharding(self.mesh, stacked=True)
     replicated = sharding.replicated(self.mesh)
     self.update = jax.jit(
-        self._update, donate_argnums=(0,),
+        self._update_in_mesh, donate_argnums=(0,),
         in_shardings=(self.shardings, batch, replicated),
         out_shardings=(self.shardings, replicated))
 
@@ -180,6 +180,20 @@ class Task:
 
   # -- shared --------------------------------------------------------------
 
+  def example_spec(self):
+    """{batch key: (shape of one example, dtype)} of what `update` reads;
+    default: the model's input image."""
+    return {'image': (model_input_shape(self.model), jnp.float32)}
+
+  def abstract_batch(self):
+    """ShapeDtypeStructs of one update's batch ((accum_iter, batch_size,
+    ...) arrays, sharded as `update` expects): compile without data."""
+    c = self.config
+    batch = sharding.batch_sharding(self.mesh, stacked=True)
+    return {k: jax.ShapeDtypeStruct((c.accum_iter, c.batch_size, *shape),
+                                    dtype, sharding=batch)
+            for k, (shape, dtype) in self.example_spec().items()}
+
   def input_zeros(self):
     """A (1, H, W, C) zero image for initialisation."""
     return jnp.zeros((1, *model_input_shape(self.model)))
@@ -197,6 +211,12 @@ class Task:
                         out_shardings=self.shardings['opt_state'])(
                             self.trainable(variables))
     return {**variables, 'opt_state': opt_state}
+
+  def _update_in_mesh(self, state, batch, step):
+    """`_update` traced with the task's mesh in context, so that the model
+    keeps activations batch-sharded (mae_jax.models.layers.batch_sharded)."""
+    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+      return self._update(state, batch, step)
 
   def _update(self, state, batch, step):
     """One optimizer update from `batch` (dict of (accum_iter, B, ...)
