@@ -46,9 +46,9 @@ LIBTPU_REQ = $$($(PY) -c 'import importlib.metadata as m; print(next(r.split(";"
 
 $(LIBTPU_DIR)/.installed: $(VENV)/.test-installed
 	@echo "installing libtpu into $(LIBTPU_DIR) (compiles for TPU in the tests)"
-	@$(PY) -m pip install -q --log $(PIP_LOG) --no-deps --target $(LIBTPU_DIR) "$(LIBTPU_REQ)" \
+	@$(PY) -m pip install -q --log $(PIP_LOG) --no-deps --upgrade --target $(LIBTPU_DIR) "$(LIBTPU_REQ)" \
 	  || { echo "pip install libtpu failed; full log: $(PIP_LOG)" >&2; exit 1; }
-	@touch $@
+	@mkdir -p $(LIBTPU_DIR) && touch $@
 
 test: $(VENV)/.test-installed $(LIBTPU_DIR)/.installed
 	TPU_LIBRARY_PATH=$(CURDIR)/$(LIBTPU_DIR)/libtpu/libtpu.so $(PY) -m pytest -q tests
