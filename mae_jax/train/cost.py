@@ -29,7 +29,6 @@ import re
 
 import jax
 import jax.extend as jex
-import numpy as np
 
 KINDS = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all',
          'collective-permute')
@@ -236,6 +235,6 @@ def memory(compiled):
          'aliased': m.alias_size_in_bytes,
          'temporaries': m.temp_size_in_bytes,
          'code': m.generated_code_size_in_bytes}
-  out['total'] = int(np.sum([out['arguments'], out['outputs'], out['code'],
-                             out['temporaries']]) - out['aliased'])
+  out['total'] = (out['arguments'] + out['outputs'] + out['code']
+                  + out['temporaries'] - out['aliased'])
   return out
