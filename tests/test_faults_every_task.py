@@ -238,6 +238,7 @@ def runs(task, env, tmp_path_factory):
   finally:
     subprocess.run(['umount', '-l', str(disk)], capture_output=True,
                    check=False)
+    shutil.rmtree(root, ignore_errors=True)  # ~250 MB of checkpoints
 
 
 @pytest.fixture
