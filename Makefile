@@ -50,8 +50,13 @@ $(LIBTPU_DIR)/.installed: $(VENV)/.test-installed
 	  || { echo "pip install libtpu failed; full log: $(PIP_LOG)" >&2; exit 1; }
 	@mkdir -p $(LIBTPU_DIR) && touch $@
 
+# Two workers, each taking whole files (a module's fixtures are built once):
+# most tests wait on one core (compiling, a subprocess), so two share the
+# CI's two cores. TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.test-installed $(LIBTPU_DIR)/.installed
-	TPU_LIBRARY_PATH=$(CURDIR)/$(LIBTPU_DIR)/libtpu/libtpu.so $(PY) -m pytest -q tests
+	TPU_LIBRARY_PATH=$(CURDIR)/$(LIBTPU_DIR)/libtpu/libtpu.so $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Tiny MAE pretraining on the embedded photographs, on CPU (minutes).
 demo: $(VENV)/.demo-installed

@@ -180,6 +180,7 @@ def test_monitor_close_on_a_full_disk_warns_once(tmp_path, capsys):
   for writer, original in zip(writers, originals):
     assert writer.event_writer is not original  # the exit retry is a no-op
     writer.event_writer.close()  # what the atexit cleanup calls
+    original.close()  # the real writer's thread, left open by the fake close
 
 
 def test_writes_finishing_after_their_event_loop_closed_are_silent(
