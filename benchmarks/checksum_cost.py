@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 import optax  # noqa: E402  pylint: disable=wrong-import-position
 import orbax.checkpoint as ocp  # noqa: E402  pylint: disable=wrong-import-position
 
+from benchmarks.machine import cpu_name  # noqa: E402  pylint: disable=wrong-import-position
 from mae_jax import checkpoint  # noqa: E402  pylint: disable=wrong-import-position
 from mae_jax.checksums import (  # noqa: E402  pylint: disable=wrong-import-position
     numpy_tree_checksums, tree_checksums)
@@ -49,17 +50,6 @@ def available_bytes():
       if line.startswith('MemAvailable:'):
         return int(line.split()[1]) * 1024
   return 0
-
-
-def cpu_name():
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def random_state(name):

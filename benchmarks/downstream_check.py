@@ -40,6 +40,7 @@ sys.path.insert(0, ROOT)
 
 from absl import logging  # noqa: E402
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from configs import finetune, linprobe, pretrain  # noqa: E402
 from mae_jax import paths  # noqa: E402
 from mae_jax.train import classify, pretrain as pretrain_task  # noqa: E402
@@ -187,17 +188,6 @@ def plot(summary, path):
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
-
-
-def cpu_name():
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown CPU'
 
 
 def fields(config, names):

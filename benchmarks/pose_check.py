@@ -41,8 +41,8 @@ ENV = dict(os.environ)  # the caller's, before downstream_check's defaults
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.downstream_check import (  # noqa: E402
-    cpu_name, evals, parse_overrides)
+from benchmarks.downstream_check import evals, parse_overrides  # noqa: E402
+from benchmarks.machine import cpu_name  # noqa: E402
 from configs import pose, pretrain  # noqa: E402
 from mae_jax import paths  # noqa: E402
 

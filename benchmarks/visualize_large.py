@@ -24,6 +24,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = ROOT / 'docs' / 'visualize.md'
 START, END = '<!-- benchmark:start -->', '<!-- benchmark:end -->'
 LIMIT_S = 60.0
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import cpu_name  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def make_checkpoint(path):
@@ -61,14 +64,7 @@ def stages(ckpt):
 
 
 def machine():
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      cpu = next(l.split(':', 1)[1].strip() for l in f
-                 if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return (f'{cpu}, {os.cpu_count()} CPU cores visible, '
+  return (f'{cpu_name()}, {os.cpu_count()} CPU cores visible, '
           f'{platform.system()} {platform.release()}, Python '
           f'{platform.python_version()}; load average before the runs '
           f'{os.getloadavg()[0]:.1f} (shared machine)')
