@@ -75,7 +75,7 @@ TEST_REQUIRES = (DATA_REQUIRES + VIZ_REQUIRES + GCS_REQUIRES
     # The PyTorch peer of benchmarks/pretrain_throughput.py.
     'transformers>=5.17',
     'pytest>=8.0',
-    'pytest-xdist>=3.5',  # make test runs the suite on two workers
+    'pytest-xdist>=3.5',  # make test TEST_WORKERS=2: two workers
     'nbclient>=0.10',
     'nbformat>=5.10',
     'ipykernel>=6.29',  # the notebook test's python3 kernel
