@@ -1,6 +1,8 @@
 """The training loop's own guarantees, checked in-process on tiny runs:
 figures do not recompile, gradient accumulation keeps one micro-batch of
-activations, and a corrupt checkpoint is found by its checksums."""
+activations, the host waits for the device only where it needs results,
+batches are on the devices ahead of their update, and a corrupt checkpoint
+is found by its checksums."""
 import glob
 import os
 
@@ -12,7 +14,7 @@ import pytest
 import mae_jax
 from configs import pretrain as pretrain_config
 from mae_jax.errors import CorruptCheckpointError
-from mae_jax.train import loop, pretrain, sharding
+from mae_jax.train import loop, monitor, pretrain, sharding
 
 
 def _config(**overrides):
@@ -34,6 +36,53 @@ def test_figure_interval_compiles_the_reconstruction_once(tmp_path):
   assert len(glob.glob(str(tmp_path / 'w' / 'figures' / '*.png'))) == 4
   assert task.reconstruct._cache_size() == 1  # pylint: disable=protected-access
   assert task.update._cache_size() == 1  # pylint: disable=protected-access
+
+
+def _traced_run(tmp_path, monkeypatch, **overrides):
+  """Runs a tiny pretraining; returns [(event, value, updates dispatched so
+  far)] for every batch put on the devices ('put'), update dispatched
+  ('update', its step) and update whose metrics were checked ('check')."""
+  task = pretrain.PretrainTask(_config(**overrides), _mesh())
+  events, update = [], task.update
+  dispatched = lambda: sum(e[0] == 'update' for e in events)
+
+  def traced_update(state, batch, step):
+    events.append(('update', int(step), dispatched()))
+    return update(state, batch, step)
+
+  def traced_put(*args, **kwargs):
+    events.append(('put', None, dispatched()))
+    return put(*args, **kwargs)
+
+  def traced_check(self, step, *args, **kwargs):
+    events.append(('check', step, dispatched()))
+    return check(self, step, *args, **kwargs)
+
+  put, check = sharding.global_batch, monitor.Monitor.check_finite
+  monkeypatch.setattr(task, 'update', traced_update)
+  monkeypatch.setattr(sharding, 'global_batch', traced_put)
+  monkeypatch.setattr(monitor.Monitor, 'check_finite', traced_check)
+  loop.run(task, tmp_path / 'w')
+  return events
+
+
+def test_host_checks_metrics_only_at_log_and_checkpoint_steps(
+    tmp_path, monkeypatch):
+  # Logs every 3 updates, checkpoints every 6, 7 updates: the metrics of
+  # updates 0-2 are read once 3 are dispatched, 3-5 at 6, 6 at the end;
+  # between those the host never waits for a result.
+  events = _traced_run(tmp_path, monkeypatch, total_steps=7,
+                       log_every_steps=3, checkpoint_every_steps=6)
+  checks = [(step, seen) for kind, step, seen in events if kind == 'check']
+  assert checks == [(0, 3), (1, 3), (2, 3), (3, 6), (4, 6), (5, 6), (6, 7)]
+
+
+def test_batches_are_on_the_devices_two_updates_ahead(tmp_path, monkeypatch):
+  events = _traced_run(tmp_path, monkeypatch, total_steps=4)
+  for i, (kind, step, _) in enumerate(events):
+    if kind == 'update':
+      puts = sum(e[0] == 'put' for e in events[:i])
+      assert puts == step + 2, events
 
 
 def _temp_bytes(batch_size, accum_iter):

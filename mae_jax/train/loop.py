@@ -16,6 +16,7 @@ micro-batches [step * accum_iter, (step + 1) * accum_iter) of the task's
 stream, so a resumed run sees exactly the batches an uninterrupted one
 would have.
 """
+import collections
 import logging
 
 import jax
@@ -51,14 +52,19 @@ def _every(interval, done, total):
   return interval > 0 and (done % interval == 0 or done == total)
 
 
-def _micro_batches(task, start):
-  """Global (accum_iter, batch, ...) arrays of each update from `start`."""
+def _micro_batches(task, start, ahead=2):
+  """Global (accum_iter, batch, ...) arrays of each update from `start`,
+  put on the devices `ahead` updates before they are consumed (the copies
+  run while earlier updates compute)."""
   data = task.batches(start * task.config.accum_iter)
+  queue = collections.deque()
   while True:
-    micro = [next(data) for _ in range(task.config.accum_iter)]
-    yield sharding.global_batch(
-        task.mesh, {k: np.stack([m[k] for m in micro])
-                    for k in task.batch_keys}, stacked=True)
+    while len(queue) < ahead:
+      micro = [next(data) for _ in range(task.config.accum_iter)]
+      queue.append(sharding.global_batch(
+          task.mesh, {k: np.stack([m[k] for m in micro])
+                      for k in task.batch_keys}, stacked=True))
+    yield queue.popleft()
 
 
 def _run(task, workdir, mngr, preemption):
@@ -95,34 +101,38 @@ def _steps(task, mngr, monitor, preemption, state, start, skipped):
   config, total = task.config, task.total_steps
   batches = _micro_batches(task, start)
   watch = checkpoints.SaveWatch(mngr)
-  pending, result = None, None  # (step, metrics) not yet checked
+  pending, result = [], None  # (step, metrics) not yet checked
 
   def check():
-    """Checks the metrics of the previous update, so the host never waits
-    for the current one; returns the updates skipped so far."""
-    nonlocal pending
-    if pending is None:
-      return skipped
-    step, metrics = pending
-    pending = None
-    return skipped + monitor.check_finite(
-        step, metrics, last_good=mngr.latest_step(),
-        skip=config.skip_nonfinite, skipped=skipped)
+    """Checks the metrics of the updates since the last check, in one
+    transfer: the host waits for the device only where it needs results
+    anyway (logs, checkpoints, evaluations, figures, the end). Returns the
+    updates skipped so far."""
+    nonlocal pending, skipped
+    steps, metrics = [s for s, _ in pending], [m for _, m in pending]
+    pending = []
+    for step, values in zip(steps, jax.device_get(metrics)):
+      skipped += monitor.check_finite(
+          step, values, last_good=mngr.latest_step(),
+          skip=config.skip_nonfinite, skipped=skipped)
+    return skipped
 
   for step in range(start, total):
     state, metrics = task.update(state, next(batches), jnp.int32(step))
     monitor.add(metrics)
     if step == start:
       monitor.started(step + 1)
-    skipped = check()
-    pending = (step, metrics)
+    pending.append((step, {k: metrics[k] for k in ('loss', 'grad_norm')}))
     watch.poll()
     done = step + 1
+    stop = preemption.reached(done)
+    if stop or any(_every(n, done, total) for n in (
+        config.log_every_steps, config.checkpoint_every_steps,
+        config.figure_every_steps, config.eval_every_steps)):
+      skipped = check()
     if _every(config.log_every_steps, done, total):
       monitor.log(done, skipped)
-    stop = preemption.reached(done)
     if _every(config.checkpoint_every_steps, done, total) or stop:
-      skipped = check()
       checkpoints.save(mngr, watch, done, state, task.items, task.model,
                        checkpoints.meta(config, done, skipped=skipped))
     if _every(config.figure_every_steps, done, total):
