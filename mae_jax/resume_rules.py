@@ -16,7 +16,8 @@ from mae_jax.schema import flat_fields, resume_overrides
 NOT_TRAJECTORY = ('log_every_steps', 'checkpoint_every_steps',
                   'keep_checkpoints', 'figure_every_steps',
                   'eval_every_steps', 'eval_only', 'data.eval_split', 'mesh',
-                  'attention', 'remat', 'fuse_patch_gather', 'skip_nonfinite',
+                  'attention', 'split_qkv', 'remat', 'fuse_patch_gather',
+                  'skip_nonfinite',
                   'data.on_error', 'resume_override', 'knn_k',
                   'knn_temperature', 'knn_pool', 'knn_bank_size')
 # Saved model fields that mirror a NOT_TRAJECTORY config field.

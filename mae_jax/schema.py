@@ -30,7 +30,7 @@ from mae_jax.models.geometry import image_hw, normalize_img_size
 TASKS = ('pretrain', 'finetune', 'linprobe', 'pose')
 VARIANTS = ('tiny', 'digits', 'base', 'large', 'huge')
 DTYPES = ('float32', 'bfloat16')
-ATTENTION = ('default', 'xla', 'cudnn', 'chunked')
+ATTENTION = ('default', 'xla', 'cudnn', 'cudnn_long', 'chunked')
 AUGMENTS = ('pretrain', 'finetune', 'linprobe', 'none')  # data.augment
 POSE_AUGMENTS = ('pose', 'none')  # a pose config's data.augment
 POSE_SOURCES = ('synthetic', 'coco')  # a pose config's data.name
@@ -84,7 +84,9 @@ def config(task, **values):
   c.model = d['model']               # mae_jax.models registry name
   c.dtype = 'bfloat16'               # compute dtype; parameters stay float32
   c.attention = 'default'            # 'default' ('chunked' on CPU, else XLA's),
-                                     # 'xla', 'chunked' or 'cudnn' (GPU only)
+                                     # 'xla', 'chunked', 'cudnn' (GPU only) or
+                                     # 'cudnn_long' (cuDNN from 128 tokens)
+  c.split_qkv = True                 # q, k, v from three matmuls, no copies
   c.remat = False                    # recompute block activations in backward
   c.scan_blocks = False              # nn.scan over blocks: faster compiles,
                                      # params stacked (saved in that layout)
@@ -265,7 +267,8 @@ _NON_NEGATIVE = _number(lambda v: v >= 0, 'must be >= 0')
 _PROBABILITY = _number(lambda v: 0 <= v <= 1, 'must lie in [0, 1]')
 # field: (predicate, what is allowed); the choice fields are checked apart.
 _COMMON = {
-    'remat': _BOOL, 'scan_blocks': _BOOL, 'skip_nonfinite': _BOOL,
+    'remat': _BOOL, 'scan_blocks': _BOOL, 'split_qkv': _BOOL,
+    'skip_nonfinite': _BOOL,
     'seed': _int(0), 'batch_size': _int(1), 'accum_iter': _int(1),
     'blr': _POSITIVE, 'min_lr': _NON_NEGATIVE,
     'weight_decay': _NON_NEGATIVE, 'epochs': _NON_NEGATIVE,

@@ -1,4 +1,5 @@
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -87,18 +88,82 @@ def test_drop_path_only_in_training():
     blk.apply(params, x, deterministic=False)
 
 
+def _attention_and_grad(x, **fields):
+  """(output, d sum(out^2) / d params) of an Attention with `fields` and the
+  parameters drawn from key 1."""
+  attn = layers.Attention(num_heads=3, **fields)
+  params = layers.Attention(num_heads=3).init(jax.random.key(1), x)['params']
+  loss = lambda p: jnp.sum(attn.apply({'params': p}, x) ** 2)
+  return attn.apply({'params': params}, x), jax.grad(loss)(params)
+
+
+@pytest.mark.parametrize('impl', ['xla', 'chunked'])
+def test_split_qkv_has_the_fused_projections_parameters_and_values(impl):
+  # Three matmuls on the kernel's column blocks: the same parameter tree and
+  # initial values as one Dense(3D), the same outputs and gradients.
+  x = _x((2, 7, 24))
+  fused = layers.Attention(num_heads=3, split_qkv=False).init(
+      jax.random.key(1), x)
+  split = layers.Attention(num_heads=3, split_qkv=True).init(
+      jax.random.key(1), x)
+  assert jax.tree.structure(fused) == jax.tree.structure(split)
+  for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(split)):
+    np.testing.assert_array_equal(a, b)
+  out_f, grad_f = _attention_and_grad(x, split_qkv=False,
+                                      attention_impl=impl)
+  out_s, grad_s = _attention_and_grad(x, split_qkv=True, attention_impl=impl)
+  np.testing.assert_allclose(out_s, out_f, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(grad_s), jax.tree.leaves(grad_f)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 @pytest.mark.parametrize('t', [7, 8])
-def test_attend_odd_length_padding_is_exact(t):
-  # cuDNN needs an even token count when training; the padded path must give
-  # the unpadded values and gradients (fp32 rounding only).
-  q, k, v = (_x((2, t, 3, 8), seed) for seed in (1, 2, 3))
-
-  def loss(q, pad):
-    return jnp.sum(layers.attend(q, k, v, 0.3, 'xla', pad_odd=pad) ** 2)
-
-  plain, padded = layers.attend(q, k, v, 0.3, 'xla', pad_odd=False), \
-      layers.attend(q, k, v, 0.3, 'xla', pad_odd=True)
-  assert padded.shape == (2, t, 3, 8)
+@pytest.mark.parametrize('split', [True, False])
+def test_odd_length_padding_is_exact(t, split):
+  # cuDNN needs an even token count when training: the tokens are padded by
+  # one hidden from every query and dropped after the projection; values and
+  # gradients must be the unpadded ones (fp32 rounding only).
+  x = _x((2, t, 24))
+  plain, grad_plain = _attention_and_grad(x, attention_impl='xla',
+                                          split_qkv=split, pad_odd=False)
+  padded, grad_padded = _attention_and_grad(x, attention_impl='xla',
+                                            split_qkv=split, pad_odd=True)
+  assert padded.shape == (2, t, 24)
   np.testing.assert_allclose(padded, plain, atol=1e-6)
-  np.testing.assert_allclose(jax.grad(loss)(q, True), jax.grad(loss)(q, False),
-                             atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grad_padded), jax.tree.leaves(grad_plain)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_cudnn_long_uses_cudnn_from_128_tokens():
+  assert layers.implementation_for('cudnn_long', 127) == 'xla'
+  assert layers.implementation_for('cudnn_long', 128) == 'cudnn'
+  assert layers.implementation_for('cudnn', 50) == 'cudnn'
+  assert layers.implementation_for(None, 50) is None
+
+
+def _activation_copies(split):
+  """The slice / pad / concatenate ops in the jitted gradient of an
+  Attention (XLA attention, 2 x 8 tokens of width 24) with an operand or
+  result as large as the qkv activations (2 * 8 * 72 elements)."""
+  x = _x((2, 8, 24))
+  attn = layers.Attention(num_heads=3, attention_impl='xla', split_qkv=split)
+  params = attn.init(jax.random.key(1), x)['params']
+  loss = lambda p, x: jnp.sum(attn.apply({'params': p}, x) ** 2)
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).as_text()
+  copies = []
+  for line in text.splitlines():
+    if not re.search(r'stablehlo\.(slice|pad|concatenate)\b', line):
+      continue
+    sizes = [math.prod(int(n) for n in shape.split('x'))
+             for shape in re.findall(r'tensor<([\dx]+)x[a-z]', line)]
+    if 2 * 8 * 72 in sizes:
+      copies.append(line.strip())
+  return copies
+
+
+def test_split_qkv_puts_no_copy_of_the_activations_around_attention():
+  # One matmul and slices: q, k, v are sliced out of its output in the
+  # forward pass and their gradients padded back to its shape and summed in
+  # the backward pass.
+  assert _activation_copies(split=False)
+  assert _activation_copies(split=True) == []

@@ -13,7 +13,7 @@ from mae_jax.errors import ConfigError
 
 MODULES = {'pretrain': pretrain, 'finetune': finetune, 'linprobe': linprobe,
            'pose': pose}
-COMMON = ('task', 'variant', 'model', 'dtype', 'attention', 'remat',
+COMMON = ('task', 'variant', 'model', 'dtype', 'attention', 'split_qkv', 'remat',
           'scan_blocks', 'seed', 'mesh', 'batch_size', 'accum_iter', 'blr',
           'min_lr', 'weight_decay', 'epochs', 'warmup_epochs', 'total_steps',
           'warmup_steps', 'checkpoint_every_steps', 'keep_checkpoints',
@@ -85,7 +85,7 @@ def test_attention_is_a_field_of_every_task_and_checked(task):
   config.attention = 'flash'
   with pytest.raises(ConfigError, match=re.escape(
       "config.attention='flash' is unknown; allowed: default, xla, cudnn, "
-      'chunked')):
+      'cudnn_long, chunked')):
     schema.check(config)
 
 

@@ -68,18 +68,60 @@ class PatchEmbed(nn.Module):
     return x @ kernel + bias.astype(self.dtype)
 
 
+class QKV(nn.Module):
+  """The fused qkv projection (kernel (D, 3D), bias (3D), as nn.Dense with
+  Xavier-uniform weights and zero bias), computed as three matmuls on the
+  kernel's column blocks: (N, T, D) -> q, k, v (N, T, H, hd) each, every one
+  a whole array, so an attention kernel takes them with no copies (one
+  matmul and slices of its (N, T, 3, H, hd) output copy q, k and v out, and
+  the backward pass concatenates their gradients)."""
+  num_heads: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n, t, d = x.shape
+    kernel = self.param('kernel', nn.initializers.xavier_uniform(), (d, 3 * d),
+                        self.param_dtype).astype(self.dtype)
+    bias = self.param('bias', nn.initializers.zeros, (3 * d,),
+                      self.param_dtype).astype(self.dtype)
+    x = x.reshape(n * t, d).astype(self.dtype)
+    return tuple((x @ kernel[:, i * d:(i + 1) * d] + bias[i * d:(i + 1) * d])
+                 .reshape(n, t, self.num_heads, d // self.num_heads)
+                 for i in range(3))
+
+
+def implementation_for(attention_impl, t):
+  """The jax.nn.dot_product_attention implementation for a sequence of t
+  tokens: 'cudnn_long' is cuDNN's fused kernel from 128 tokens on and XLA's
+  below (where the fused kernel's tiles are mostly empty); 'chunked' is
+  handled by Attention; others as given (None: XLA's default)."""
+  if attention_impl == 'cudnn_long':
+    return 'cudnn' if t >= 128 else 'xla'
+  return attention_impl
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection. (N, T, D) -> same.
 
   attention_impl: None (XLA's default), 'xla' or 'cudnn' select
-  jax.nn.dot_product_attention's implementation; 'chunked' computes the
+  jax.nn.dot_product_attention's implementation, 'cudnn_long' cuDNN for
+  sequences of 128 tokens or more and XLA below; 'chunked' computes the
   same attention a few heads at a time (mae_jax.models.chunked_attention,
-  faster on CPUs).
+  faster on CPUs). split_qkv: q, k and v from three matmuls (QKV) rather
+  than slices of one (same parameters). cuDNN's fused kernel refuses an odd
+  T when training (197 tokens for 224 px / 16, 65 for the huge encoder), so
+  there (or with pad_odd=True) the tokens are padded by one that the
+  seq-length mask hides from every query, and the padded row is dropped
+  after the output projection.
   """
   num_heads: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: Any = None
+  split_qkv: bool = True
+  pad_odd: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x):
@@ -89,40 +131,31 @@ class Attention(nn.Module):
     head_dim = d // self.num_heads
     dense = functools.partial(Dense, dtype=self.dtype,
                               param_dtype=self.param_dtype)
-    qkv = dense_2d(dense(3 * d, name='qkv'), x)
-    qkv = qkv.reshape(n, t, 3, self.num_heads, head_dim)
     if self.attention_impl == 'chunked':
-      q, k, v = qkv.transpose(2, 0, 3, 1, 4).reshape(
-          3, n * self.num_heads, t, head_dim)  # (N * H, T, hd) each
+      qkv = dense_2d(dense(3 * d, name='qkv'), x)
+      q, k, v = qkv.reshape(n, t, 3, self.num_heads, head_dim).transpose(
+          2, 0, 3, 1, 4).reshape(3, n * self.num_heads, t, head_dim)
       out = chunked_attention(q, k, v, head_dim ** -0.5)
       out = out.reshape(n, self.num_heads, t, head_dim).transpose(0, 2, 1, 3)
+      return dense_2d(dense(d, name='proj'), out.reshape(n, t, d))
+    implementation = implementation_for(self.attention_impl, t)
+    pad = t % 2 and (implementation == 'cudnn' if self.pad_odd is None
+                     else self.pad_odd)
+    if pad:
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+    if self.split_qkv:
+      q, k, v = QKV(self.num_heads, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name='qkv')(x)
     else:
+      qkv = dense_2d(dense(3 * d, name='qkv'), x).reshape(
+          n, t + pad, 3, self.num_heads, head_dim)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (N, T, H, hd)
-      out = attend(q, k, v, head_dim ** -0.5, self.attention_impl)
-    return dense_2d(dense(d, name='proj'), out.reshape(n, t, d))
-
-
-def attend(q, k, v, scale, implementation, pad_odd=None):
-  """softmax(q k^T * scale) v for q, k, v (N, T, H, hd) -> (N, T, H, hd).
-
-  cuDNN's fused kernel refuses an odd T when training (197 tokens for
-  224 px / 16, 65 for the huge encoder), so with implementation 'cudnn'
-  (or pad_odd=True) an odd T is padded by one token that the seq-length mask
-  hides from every query; the padded row is dropped from the output.
-  """
-  t = q.shape[1]
-  if pad_odd is None:
-    pad_odd = implementation == 'cudnn'
-  if not (pad_odd and t % 2):
-    return jax.nn.dot_product_attention(q, k, v, scale=scale,
-                                        implementation=implementation)
-  widths = ((0, 0), (0, 1), (0, 0), (0, 0))
-  q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
-  lengths = jnp.full((q.shape[0],), t, jnp.int32)
-  out = jax.nn.dot_product_attention(
-      q, k, v, scale=scale, query_seq_lengths=lengths,
-      key_value_seq_lengths=lengths, implementation=implementation)
-  return out[:, :t]
+    lengths = jnp.full((n,), t, jnp.int32) if pad else None
+    out = jax.nn.dot_product_attention(
+        q, k, v, scale=head_dim ** -0.5, query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths, implementation=implementation)
+    out = dense_2d(dense(d, name='proj'), out.reshape(n, t + pad, d))
+    return out[:, :t] if pad else out
 
 
 class Mlp(nn.Module):
@@ -176,7 +209,8 @@ def _block_body(blk, x, deterministic, rate, stochastic_depth):
     return x + branch
 
   x = residual(Attention(blk.num_heads, attention_impl=blk.attention_impl,
-                         name='attn', **kw)(norm(name='norm1')(x)))
+                         split_qkv=blk.split_qkv, name='attn',
+                         **kw)(norm(name='norm1')(x)))
   hidden = int(x.shape[-1] * blk.mlp_ratio)
   x = residual(Mlp(hidden, name='mlp', **kw)(norm(name='norm2')(x)))
   return batch_sharded(x)
@@ -195,6 +229,7 @@ class Block(nn.Module):
   param_dtype: Any = jnp.float32
   attention_impl: Any = None
   norm_eps: float = LN_EPS
+  split_qkv: bool = True
 
   @nn.compact
   def __call__(self, x, deterministic=True):
@@ -229,7 +264,9 @@ class ImageInput(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_impl: Optional[str] = None  # None/'xla', 'cudnn' (GPU), 'chunked'
+  # None/'xla', 'cudnn' or 'cudnn_long' (GPU), 'chunked' (see Attention)
+  attention_impl: Optional[str] = None
+  split_qkv: bool = True  # q, k, v from three matmuls (see Attention)
   remat: bool = False  # recompute block activations in the backward pass
   # nn.scan over the blocks: one traced block per stack (much faster
   # compiles of deep models); the params of a stack ('blocks',

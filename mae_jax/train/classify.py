@@ -34,7 +34,8 @@ def build_model(config, num_classes):
       in_chans=config.data.channels, global_pool=config.global_pool,
       linear_probe=probe, drop_path_rate=0.0 if probe else config.drop_path,
       dtype=jnp.dtype(config.dtype),
-      attention_impl=attention_impl(config.attention), remat=config.remat,
+      attention_impl=attention_impl(config.attention),
+      split_qkv=config.split_qkv, remat=config.remat,
       scan_blocks=config.scan_blocks)
 
 

@@ -40,7 +40,8 @@ def build_model(config):
       config.model, img_size=config.data.image_size, head=config.head,
       num_joints=config.num_joints, drop_path_rate=config.drop_path,
       dtype=jnp.dtype(config.dtype),
-      attention_impl=attention_impl(config.attention), remat=config.remat,
+      attention_impl=attention_impl(config.attention),
+      split_qkv=config.split_qkv, remat=config.remat,
       scan_blocks=config.scan_blocks)
 
 

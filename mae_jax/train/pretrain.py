@@ -31,6 +31,7 @@ def build_model(config):
                       norm_pix_loss=config.norm_pix_loss,
                       dtype=jnp.dtype(config.dtype),
                       attention_impl=attention_impl(config.attention),
+                      split_qkv=config.split_qkv,
                       remat=config.remat,
                       fuse_patch_gather=config.fuse_patch_gather,
                       scan_blocks=config.scan_blocks)
