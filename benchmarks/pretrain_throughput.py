@@ -10,15 +10,22 @@ device memory where the backend reports it (the process's peak, so with
 several modes the largest). `--attention xla,chunked` times several
 attention modes in one process (a failing mode is reported, the rest go
 on); `--fuse-gather on,off` times the model with and without the
-patch-embedding/masking-gather fusion (config.fuse_patch_gather). All
-modes and the peer are compiled and set up first, then step in turn, one
-step each per round, so the ratios are measured side by side. FLOPs:
+patch-embedding/masking-gather fusion (config.fuse_patch_gather),
+`--split-qkv on,off` with q, k, v from three matmuls or slices of one
+(config.split_qkv);
+`--xla-options 'base;lt=xla_gpu_enable_cublaslt=true'` compiles the step
+once per named set of XLA compiler options (`name=option=value,...`; `base`
+alone is XLA's defaults). All modes and the peers are compiled and set up
+first, then step in turn, `--chain` steps each per round with one wait for
+the device at the end of each (as the training loop waits only at its log
+intervals), so the ratios are measured side by side. FLOPs:
 the analytic count (forward per block 24*N*D^2 + 4*N^2*D for N tokens of
 width D, training about 3x forward; used for MFU) and XLA's cost analysis
-of the compiled step (printed beside it). `--torch-peer` times
-Hugging Face transformers' ViTMAEForPreTraining of the same size and batch
-in the same process (AdamW betas 0.9/0.95; bf16 via torch.autocast) and
-prints the ratio. One JSON line per configuration goes to --out. Imports no
+of the compiled step (printed beside it). `--torch-peer eager,compile`
+times Hugging Face transformers' ViTMAEForPreTraining of the same size and
+batch in the same process (SDPA attention, fused AdamW with betas
+0.9/0.95 on CUDA; bf16 via torch.autocast), as written and under
+torch.compile, and prints the ratios. One JSON line per configuration goes to --out. Imports no
 TensorFlow.
 """
 import argparse
@@ -80,13 +87,15 @@ def step_config(args, **fields):
   return config
 
 
-def build_step(args, attention='default', fuse=True):
+def build_step(args, attention='default', fuse=True, options=None,
+               split=True):
   """(compiled train step, state, images, compile seconds) of mae_jax's
   pretraining step for args.model / batch / dtype / image_size / remat,
-  on all devices (data parallel), with a synthetic batch."""
+  on all devices (data parallel), with a synthetic batch; `options`: XLA
+  compiler options ({name: value}) for this compile."""
   config = step_config(args, attention=attention,
                        remat=getattr(args, 'remat', False),
-                       fuse_patch_gather=fuse)
+                       fuse_patch_gather=fuse, split_qkv=split)
   devices = jax.devices()
   mesh = sharding.make_mesh((len(devices), 1), devices)
   t = pretrain.PretrainTask(config, mesh)
@@ -96,7 +105,8 @@ def build_step(args, attention='default', fuse=True):
                         (1, args.batch, args.image_size, args.image_size, 3)),
       sharding.batch_sharding(mesh, stacked=True))}
   start = time.perf_counter()
-  compiled = t.update.lower(state, images, jnp.int32(0)).compile()
+  compiled = t.update.lower(state, images, jnp.int32(0)).compile(
+      compiler_options=options or None)
   return compiled, state, images, time.perf_counter() - start
 
 
@@ -112,12 +122,32 @@ def add_step_args(parser):
   parser.add_argument('--steps', type=int, default=5)
 
 
-class JaxStep:
-  """One compiled mae_jax train step on its own state; each call runs a step."""
+def parse_options(text):
+  """[(name, {XLA option: value})] from 'base;name=opt=value,opt=value'."""
+  sets = []
+  for part in filter(None, text.split(';')):
+    name, _, rest = part.partition('=')
+    options = {}
+    for item in filter(None, rest.split(',')):
+      key, sep, value = item.partition('=')
+      if not sep:
+        raise ValueError(f'--xla-options: {item!r} is not option=value')
+      lowered = value.lower()
+      options[key] = (lowered == 'true' if lowered in ('true', 'false')
+                      else int(value) if value.lstrip('-').isdigit()
+                      else value)
+    sets.append((name, options))
+  return sets
 
-  def __init__(self, args, attention, fuse):
+
+class JaxStep:
+  """One compiled mae_jax train step on its own state; each call runs
+  `chain` steps and waits for the last."""
+
+  def __init__(self, args, attention, fuse, split, options):
     self.compiled, self.state, self.images, self.compile_s = build_step(
-        args, attention, fuse)
+        args, attention, fuse, options, split)
+    self.chain = args.chain
     cost = self.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     self.xla_flops = (float(cost.get('flops', float('nan'))) if cost
@@ -125,14 +155,16 @@ class JaxStep:
     self.step, self.loss = 0, None
 
   def __call__(self):
-    self.state, metrics = self.compiled(self.state, self.images,
-                                        jnp.int32(self.step))
+    for _ in range(self.chain):
+      self.state, metrics = self.compiled(self.state, self.images,
+                                          jnp.int32(self.step))
+      self.step += 1
     self.loss = float(jax.block_until_ready(metrics['loss']))
-    self.step += 1
 
 
-def torch_step(args):
-  """A callable running one train step of the PyTorch peer."""
+def torch_step(args, compiled=False):
+  """A callable running `args.chain` train steps of the PyTorch peer
+  (torch.compile'd with `compiled`), waiting for the device at the end."""
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import ViTMAEConfig, ViTMAEForPreTraining  # pylint: disable=import-outside-toplevel
   c = MAE_CONFIGS[args.model]
@@ -145,11 +177,12 @@ def torch_step(args):
       decoder_intermediate_size=4 * c['decoder_embed_dim'],
       image_size=args.image_size, patch_size=c['patch_size'],
       layer_norm_eps=1e-6, mask_ratio=0.75, norm_pix_loss=True,
-      hidden_act='gelu', qkv_bias=True)
+      hidden_act='gelu', qkv_bias=True, attn_implementation='sdpa')
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   model = ViTMAEForPreTraining(cfg).to(device).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
-                          weight_decay=0.05)
+                          weight_decay=0.05, fused=device == 'cuda')
+  forward = torch.compile(model) if compiled else model
   images = torch.randn(args.batch, 3, args.image_size, args.image_size,
                        device=device)
   autocast = torch.autocast(device_type=device, dtype=torch.bfloat16,
@@ -157,25 +190,30 @@ def torch_step(args):
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
 
   def step():
-    with autocast:
-      loss = model(pixel_values=images).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    for _ in range(getattr(args, 'chain', 1)):
+      with autocast:
+        loss = forward(pixel_values=images).loss
+      loss.backward()
+      opt.step()
+      opt.zero_grad(set_to_none=True)
     sync()
 
   step.version = torch.__version__
   return step
 
 
-def round_robin(steppers, warmup, steps):
-  """({name: [seconds of each timed step]}, {name: error}).
+def round_robin(steppers, warmup, steps, deadline=None):
+  """({name: [seconds of each timed call]}, {name: error}).
 
-  The steppers take one step each in turn for warmup + steps rounds, so the
-  drifts of a shared machine reach every mode alike. A stepper that raises
-  is dropped and its error kept."""
+  The steppers take one call each (`--chain` steps) in turn for warmup +
+  steps rounds, so the drifts of a shared machine reach every mode alike;
+  past `deadline` (time.monotonic()) no round starts once one was timed.
+  A stepper that raises is dropped and its error kept."""
   times, errors = {name: [] for name in steppers}, {}
   for r in range(warmup + steps):
+    if r > warmup and deadline and time.monotonic() > deadline:
+      print(f'time limit: {r - warmup} of {steps} timed rounds', flush=True)
+      break
     for name, step in list(steppers.items()):
       start = time.perf_counter()
       try:
@@ -189,12 +227,24 @@ def round_robin(steppers, warmup, steps):
   return times, errors
 
 
-def report(args, mode, stepper, times, flops):
+def mode_name(mode):
+  """'cudnn', 'xla unfused-gather', 'cudnn lt' ... for (attention, fuse,
+  split, options name)."""
+  attention, fuse, split, options = mode
+  return (attention + ('' if fuse else ' unfused-gather')
+          + ('' if split else ' fused-qkv')
+          + ('' if options == 'base' else f' {options}'))
+
+
+def report(args, mode, stepper, times, flops, options):
   """The result dict of one timed mae_jax mode (printed)."""
-  attention, fuse = mode
+  attention, fuse, split, _ = mode
+  step_times = [t / args.chain for t in times]
   result = {'model': args.model, 'batch': args.batch, 'dtype': args.dtype,
             'attention': attention, 'remat': args.remat,
-            'fuse_patch_gather': fuse,
+            'fuse_patch_gather': fuse, 'split_qkv': split,
+            'mode': mode_name(mode),
+            'xla_options': options, 'chain': args.chain,
             'device': jax.devices()[0].device_kind,
             'devices': jax.device_count(), 'host': platform.node(),
             'cpus': os.cpu_count(), 'jax': jax.__version__,
@@ -202,7 +252,7 @@ def report(args, mode, stepper, times, flops):
             'analytic_flops_per_image': flops,
             'xla_flags': os.environ.get('XLA_FLAGS', ''),
             'compile_s': stepper.compile_s,
-            'step_s': statistics.median(times), 'step_s_all': times,
+            'step_s': statistics.median(step_times), 'step_s_all': step_times,
             'xla_flops_per_step': stepper.xla_flops, 'loss': stepper.loss}
   # The process's peak so far: with several modes, the largest of them.
   result['peak_bytes'] = (jax.devices()[0].memory_stats() or {}).get(
@@ -215,8 +265,7 @@ def report(args, mode, stepper, times, flops):
   result['peak_tflops'] = peak
   result['mfu'] = result['tflops_analytic'] / peak if peak else None
   print(f'{args.model} batch {args.batch} {args.dtype} attention '
-        f'{attention}{" remat" if args.remat else ""}'
-        f'{"" if fuse else " unfused-gather"}'
+        f'{mode_name(mode)}{" remat" if args.remat else ""}'
         f' on {result["device"]}: compile '
         f'{result["compile_s"]:.1f} s, step {1000 * result["step_s"]:.1f} ms, '
         f'{result["img_per_s"]:.2f} img/s, {result["tflops_analytic"]:.3f} '
@@ -227,82 +276,131 @@ def report(args, mode, stepper, times, flops):
   return result
 
 
-def mode_name(mode):
-  attention, fuse = mode
-  return attention + ('' if fuse else ' unfused-gather')
-
-
 def failed(args, mode, error):
   print(f'{args.model} batch {args.batch} attention {mode_name(mode)} '
         f'FAILED: {error.splitlines()[0][:300]}', flush=True)
   return {'model': args.model, 'batch': args.batch, 'dtype': args.dtype,
-          'attention': mode[0], 'fuse_patch_gather': mode[1], 'error': error}
+          'attention': mode[0], 'fuse_patch_gather': mode[1],
+          'split_qkv': mode[2],
+          'mode': mode_name(mode), 'error': error}
+
+
+PEERS = {'eager': 'autocast bf16', 'compile': 'torch.compile, autocast bf16'}
+
+
+def peer_record(args, name, stepper, times, results):
+  """The result dict of one timed PyTorch peer (printed), with the ratio of
+  every timed mae_jax mode to it."""
+  step_times = [t / args.chain for t in times]
+  step_s = statistics.median(step_times)
+  peer = {'framework': 'torch', 'peer': name, 'model': args.model,
+          'batch': args.batch, 'dtype': args.dtype, 'chain': args.chain,
+          'step_s': step_s, 'step_s_all': step_times,
+          'img_per_s': args.batch / step_s,
+          'torch_version': stepper.version,
+          'device': jax.devices()[0].device_kind,
+          'date': time.strftime('%Y-%m-%d'), 'ratio_vs_torch': {}}
+  label = PEERS[name] if args.dtype == 'bfloat16' else name + ' fp32'
+  print(f'  PyTorch peer (transformers ViTMAEForPreTraining, {label}): '
+        f'{peer["img_per_s"]:.2f} img/s', flush=True)
+  for mode, result in results.items():
+    if 'img_per_s' in result:
+      ratio = result['img_per_s'] / peer['img_per_s']
+      peer['ratio_vs_torch'][mode_name(mode)] = ratio
+      print(f'  mae_jax ({mode_name(mode)} attention) / torch {name} = '
+            f'{ratio:.2f}', flush=True)
+  return peer
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   add_step_args(parser)
   parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--chain', type=int, default=1,
+                      help='steps per timed call (one wait for the device '
+                      'at its end)')
   parser.add_argument('--attention', default='default',
                       help="comma-separated modes from 'default', 'xla', "
-                      "'cudnn', 'chunked'; each is timed, a failing one is "
-                      "reported")
+                      "'cudnn', 'cudnn_long', 'chunked'; each is timed, a "
+                      "failing one is reported")
   parser.add_argument('--remat', action='store_true')
   parser.add_argument('--fuse-gather', default='on',
                       help="'on', 'off' or 'on,off': embed only the visible "
                       "patches (config.fuse_patch_gather)")
-  parser.add_argument('--torch-peer', action='store_true')
+  parser.add_argument('--split-qkv', default='on',
+                      help="'on', 'off' or 'on,off': q, k, v from three "
+                      "matmuls (config.split_qkv)")
+  parser.add_argument('--xla-options', default='base',
+                      help="';'-separated named sets of XLA compiler options, "
+                      "e.g. 'base;lt=xla_gpu_enable_cublaslt=true'")
+  parser.add_argument('--torch-peer', nargs='?', const='eager', default='',
+                      help="comma-separated PyTorch peers: 'eager', "
+                      "'compile' (torch.compile)")
+  parser.add_argument('--time-limit', type=float,
+                      help='seconds: build no step and start no timed round '
+                      'after this (one round is always timed)')
   parser.add_argument('--out', help='append one JSON line per mode here')
   args = parser.parse_args()
-  modes = args.attention.split(',')
-  for mode in modes:
+  deadline = args.time_limit and time.monotonic() + args.time_limit
+  for mode in args.attention.split(','):
     if mode not in ATTENTION:
       parser.error(f'--attention: unknown mode {mode!r}')
-  fuses = args.fuse_gather.split(',')
-  for fuse in fuses:
-    if fuse not in ('on', 'off'):
-      parser.error(f'--fuse-gather: expected on/off, got {fuse!r}')
-  modes = [(mode, fuse == 'on') for mode in modes for fuse in fuses]
+  fuses, splits = args.fuse_gather.split(','), args.split_qkv.split(',')
+  for flag, values in (('--fuse-gather', fuses), ('--split-qkv', splits)):
+    for value in values:
+      if value not in ('on', 'off'):
+        parser.error(f'{flag}: expected on/off, got {value!r}')
+  peers = list(filter(None, args.torch_peer.split(',')))
+  for name in peers:
+    if name not in PEERS:
+      parser.error(f'--torch-peer: unknown peer {name!r}')
+  try:
+    option_sets = dict(parse_options(args.xla_options))
+  except ValueError as e:
+    parser.error(str(e))
+  modes = [(attention, fuse == 'on', split == 'on', options)
+           for attention in args.attention.split(',') for fuse in fuses
+           for split in splits
+           for options in option_sets]
 
   flops = analytic_flops(args.model, args.image_size)
   steppers, results = {}, {}
   for mode in modes:
+    if deadline and time.monotonic() > deadline:
+      results[mode] = failed(args, mode, 'not built: time limit')
+      continue
     try:
-      steppers[mode] = JaxStep(args, *mode)
+      steppers[mode] = JaxStep(args, *mode[:3], option_sets[mode[3]])
     except Exception as e:  # pylint: disable=broad-except
       results[mode] = failed(args, mode, f'{type(e).__name__}: {e}'[:2000])
   jax_steppers = dict(steppers)
-  if args.torch_peer:
-    steppers['torch'] = torch_step(args)
-  times, errors = round_robin(steppers, args.warmup, args.steps)
+  peer_errors = {}
+  for name in peers:
+    try:
+      steppers[name] = torch_step(args, compiled=name == 'compile')
+    except Exception as e:  # pylint: disable=broad-except
+      peer_errors[name] = f'{type(e).__name__}: {e}'[:2000]
+  torch_steppers = {name: steppers[name] for name in peers
+                    if name in steppers}
+  times, errors = round_robin(steppers, args.warmup, args.steps, deadline)
+  errors.update(peer_errors)
   for mode in modes:
     if mode in errors:
       results[mode] = failed(args, mode, errors[mode])
     elif mode in jax_steppers:
       results[mode] = report(args, mode, jax_steppers[mode], times[mode],
-                             flops)
+                             flops, option_sets[mode[3]])
     write_line(args.out, results[mode])
-  if args.torch_peer and 'torch' not in errors:
-    step_s = statistics.median(times['torch'])
-    peer = {'framework': 'torch', 'model': args.model, 'batch': args.batch,
-            'dtype': args.dtype, 'step_s': step_s,
-            'step_s_all': times['torch'], 'img_per_s': args.batch / step_s,
-            'torch_version': steppers['torch'].version,
-            'device': jax.devices()[0].device_kind,
-            'date': time.strftime('%Y-%m-%d'), 'ratio_vs_torch': {}}
-    print(f'  PyTorch peer (transformers ViTMAEForPreTraining, '
-          f'{"autocast bf16" if args.dtype == "bfloat16" else "fp32"}): '
-          f'{peer["img_per_s"]:.2f} img/s', flush=True)
-    for mode in modes:
-      if 'img_per_s' in results[mode]:
-        ratio = results[mode]['img_per_s'] / peer['img_per_s']
-        peer['ratio_vs_torch'][mode_name(mode)] = ratio
-        print(f'  mae_jax ({mode_name(mode)} attention) / torch = '
-              f'{ratio:.2f}', flush=True)
-    write_line(args.out, peer)
-  elif args.torch_peer:
-    print(f'  PyTorch peer FAILED: {errors["torch"].splitlines()[0][:300]}',
-          flush=True)
+  for name in peers:
+    if name in errors:
+      print(f'  PyTorch peer {name} FAILED: '
+            f'{errors[name].splitlines()[0][:300]}', flush=True)
+      write_line(args.out, {'framework': 'torch', 'peer': name,
+                            'model': args.model, 'batch': args.batch,
+                            'error': errors[name]})
+    else:
+      write_line(args.out, peer_record(args, name, torch_steppers[name],
+                                       times[name], results))
 
 
 def write_line(path, record):
