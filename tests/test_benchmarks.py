@@ -64,3 +64,23 @@ def test_profile_classifies_the_step(tmp_path):
   peer = {row['group']: row['share'] for row in table['torch_peer']}
   assert abs(sum(peer.values()) - 1) < 1e-6 and peer['matmul'] > 0.1
   assert table['op_ms_per_step'] > 0
+
+
+@pytest.mark.parametrize('batch,steps', [(256, 3), (512, 2)])
+def test_gpu_kernel_tables_rebuild_from_the_kept_trace_and_hlo(tmp_path,
+                                                               batch, steps):
+  # docs/BENCHMARKS.md's kernel profile comes from these files: the kept
+  # trace and HLO of a GPU run give the committed tables again, and the
+  # command-buffer kernels are matched to their HLO fusions by name.
+  gpu = os.path.join(ROOT, 'docs', 'gpu')
+  out = tmp_path / 't.json'
+  subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks',
+                                               'trace_tables.py'),
+                  os.path.join(gpu, f'trace_large_b{batch}.json.gz'),
+                  os.path.join(gpu, f'hlo_large_b{batch}.txt.gz'),
+                  '--steps', str(steps), '--out', str(out)],
+                 cwd=tmp_path, capture_output=True, text=True, check=True)
+  with open(os.path.join(gpu, f'tables_large_b{batch}.json')) as f:
+    assert json.loads(out.read_text()) == json.load(f)
+  sources = {row['source'] for row in json.loads(out.read_text())['sources']}
+  assert 'LayerNorm, backward' in sources and 'unattributed' not in sources
