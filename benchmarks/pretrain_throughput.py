@@ -22,11 +22,11 @@ intervals), so the ratios are measured side by side. FLOPs:
 the analytic count (forward per block 24*N*D^2 + 4*N^2*D for N tokens of
 width D, training about 3x forward; used for MFU) and XLA's cost analysis
 of the compiled step (printed beside it). `--torch-peer eager,compile`
-times Hugging Face transformers' ViTMAEForPreTraining of the same size and
-batch in the same process (SDPA attention, fused AdamW with betas
-0.9/0.95 on CUDA; bf16 via torch.autocast), as written and under
-torch.compile, and prints the ratios. One JSON line per configuration goes to --out. Imports no
-TensorFlow.
+times Hugging Face transformers' ViTMAEForPreTraining of the same size in
+the same process (SDPA attention, fused AdamW with betas 0.9/0.95 on CUDA;
+bf16 via torch.autocast), as written and under torch.compile, at the same
+batch or at `--peer-batch`, and prints the ratios of images per second.
+One JSON line per configuration goes to --out. Imports no TensorFlow.
 """
 import argparse
 import json
@@ -183,7 +183,8 @@ def torch_step(args, compiled=False):
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
                           weight_decay=0.05, fused=device == 'cuda')
   forward = torch.compile(model) if compiled else model
-  images = torch.randn(args.batch, 3, args.image_size, args.image_size,
+  batch = getattr(args, 'peer_batch', None) or args.batch
+  images = torch.randn(batch, 3, args.image_size, args.image_size,
                        device=device)
   autocast = torch.autocast(device_type=device, dtype=torch.bfloat16,
                             enabled=args.dtype == 'bfloat16')
@@ -293,16 +294,17 @@ def peer_record(args, name, stepper, times, results):
   every timed mae_jax mode to it."""
   step_times = [t / args.chain for t in times]
   step_s = statistics.median(step_times)
+  batch = args.peer_batch or args.batch
   peer = {'framework': 'torch', 'peer': name, 'model': args.model,
-          'batch': args.batch, 'dtype': args.dtype, 'chain': args.chain,
+          'batch': batch, 'dtype': args.dtype, 'chain': args.chain,
           'step_s': step_s, 'step_s_all': step_times,
-          'img_per_s': args.batch / step_s,
+          'img_per_s': batch / step_s,
           'torch_version': stepper.version,
           'device': jax.devices()[0].device_kind,
           'date': time.strftime('%Y-%m-%d'), 'ratio_vs_torch': {}}
   label = PEERS[name] if args.dtype == 'bfloat16' else name + ' fp32'
-  print(f'  PyTorch peer (transformers ViTMAEForPreTraining, {label}): '
-        f'{peer["img_per_s"]:.2f} img/s', flush=True)
+  print(f'  PyTorch peer (transformers ViTMAEForPreTraining, {label}, '
+        f'batch {batch}): {peer["img_per_s"]:.2f} img/s', flush=True)
   for mode, result in results.items():
     if 'img_per_s' in result:
       ratio = result['img_per_s'] / peer['img_per_s']
@@ -336,6 +338,8 @@ def main():
   parser.add_argument('--torch-peer', nargs='?', const='eager', default='',
                       help="comma-separated PyTorch peers: 'eager', "
                       "'compile' (torch.compile)")
+  parser.add_argument('--peer-batch', type=int,
+                      help='batch of the PyTorch peers (default --batch)')
   parser.add_argument('--time-limit', type=float,
                       help='seconds: build no step and start no timed round '
                       'after this (one round is always timed)')
@@ -396,7 +400,8 @@ def main():
       print(f'  PyTorch peer {name} FAILED: '
             f'{errors[name].splitlines()[0][:300]}', flush=True)
       write_line(args.out, {'framework': 'torch', 'peer': name,
-                            'model': args.model, 'batch': args.batch,
+                            'model': args.model,
+                            'batch': args.peer_batch or args.batch,
                             'error': errors[name]})
     else:
       write_line(args.out, peer_record(args, name, torch_steppers[name],

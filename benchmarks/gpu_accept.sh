@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The large bf16 step beside both PyTorch peers, one mae_jax mode per
+# process (four mae_jax modes in one process left the peers no memory in
+# the run of gpu_large.sh), in one command of under 6 minutes:
+#   A. mae_jax at batch 1024 (its best batch so far) beside the eager and
+#      torch.compile peers at batch 512 (at 1024 the three do not fit one
+#      card together);
+#   B. mae_jax and both peers at batch 512.
+# cuDNN attention, split_qkv; medians of chains of steps with one wait for
+# the device per chain. Same set-up as gpu_check.sh; writes
+# $OUT/gpu_accept.{log,jsonl}. Run from the repository root:
+#   bash benchmarks/gpu_accept.sh
+set -u
+OUT=${OUT:-docs/gpu}
+BUDGET=${BUDGET:-350}
+source benchmarks/gpu_env.sh
+RESULTS="$OUT/gpu_accept.jsonl"
+: > "$RESULTS"
+QUIET="^W0000\|^I0000\|^E0000\|cuda_dnn\|cuda_blas\|cuda_fft\|UserWarning\|warnings.warn"
+run() {  # run MAX SCRIPT ARGS...: a benchmark for at most MAX seconds of the
+         # budget, skipped when under 40 are left
+  local t=$((BUDGET - SECONDS)) max=$1; shift
+  [ "$t" -gt "$max" ] && t=$max
+  if [ "$t" -ge 40 ]; then
+    timeout "$t" python3 "$@" 2>&1 | grep -v "$QUIET"
+  else echo "-- skipped (time budget)"; fi
+  echo "   [elapsed ${SECONDS} s]"
+}
+STEP="benchmarks/pretrain_throughput.py --model mae_vit_large_patch16
+  --dtype bfloat16 --attention cudnn --split-qkv on --torch-peer eager,compile
+  --steps 5 --warmup 1 --out $RESULTS"
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+  echo "== A. mae_jax batch 1024, peers batch 512"
+  run 175 $STEP --batch 1024 --peer-batch 512 --chain 2 --time-limit 150
+  echo "== B. mae_jax and peers at batch 512"
+  run 170 $STEP --batch 512 --chain 4 --time-limit 145
+  date -u
+} 2>&1 | tee "$OUT/gpu_accept.log"
