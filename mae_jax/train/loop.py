@@ -52,18 +52,19 @@ def _every(interval, done, total):
   return interval > 0 and (done % interval == 0 or done == total)
 
 
-def _micro_batches(task, start, ahead=2):
-  """Global (accum_iter, batch, ...) arrays of each update from `start`,
-  put on the devices `ahead` updates before they are consumed (the copies
-  run while earlier updates compute)."""
+def _micro_batches(task, start, stop, ahead=2):
+  """Global (accum_iter, batch, ...) arrays of the updates [start, stop),
+  each put on the devices `ahead` updates before it is consumed (the copies
+  run while earlier updates compute); nothing is read past update stop - 1."""
   data = task.batches(start * task.config.accum_iter)
-  queue = collections.deque()
-  while True:
-    while len(queue) < ahead:
+  queue, filled = collections.deque(), start
+  while queue or filled < stop:
+    while len(queue) < ahead and filled < stop:
       micro = [next(data) for _ in range(task.config.accum_iter)]
       queue.append(sharding.global_batch(
           task.mesh, {k: np.stack([m[k] for m in micro])
                       for k in task.batch_keys}, stacked=True))
+      filled += 1
     yield queue.popleft()
 
 
@@ -99,7 +100,7 @@ def _run(task, workdir, mngr, preemption):
 
 def _steps(task, mngr, monitor, preemption, state, start, skipped):
   config, total = task.config, task.total_steps
-  batches = _micro_batches(task, start)
+  batches = _micro_batches(task, start, total)
   watch = checkpoints.SaveWatch(mngr)
   pending, result = [], None  # (step, metrics) not yet checked
 
