@@ -19,23 +19,11 @@ BUDGET=${BUDGET:-450}
 source benchmarks/gpu_env.sh
 RESULTS="$OUT/gpu_accept.jsonl"
 : > "$RESULTS"
-QUIET="^W0000\|^I0000\|^E0000\|cuda_dnn\|cuda_blas\|cuda_fft\|UserWarning\|warnings.warn"
-run() {  # run MAX SCRIPT ARGS...: a benchmark for at most MAX seconds of the
-         # budget, skipped when under 40 are left
-  local t=$((BUDGET - SECONDS)) max=$1; shift
-  [ "$t" -gt "$max" ] && t=$max
-  if [ "$t" -ge 40 ]; then
-    timeout "$t" python3 "$@" 2>&1 | grep -v "$QUIET"
-  else echo "-- skipped (time budget)"; fi
-  echo "   [elapsed ${SECONDS} s]"
-}
 STEP="benchmarks/pretrain_throughput.py --model mae_vit_large_patch16
   --dtype bfloat16 --attention cudnn --split-qkv on --torch-peer eager,compile
   --steps 5 --warmup 1 --out $RESULTS"
 {
-  date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python3 -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+  header
   echo "== A. mae_jax batch 1024, peers batch 512"
   run 175 $STEP --batch 1024 --peer-batch 512 --chain 2 --time-limit 150
   echo "== B. mae_jax and peers at batch 512"

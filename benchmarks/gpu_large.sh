@@ -17,20 +17,8 @@ set -u
 OUT=${OUT:-docs/gpu}
 BUDGET=${BUDGET:-390}
 source benchmarks/gpu_env.sh
-# B reuses A's compile of the fastest mode.
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/mae_jax_cache}
 RESULTS="$OUT/gpu_large.jsonl"
 : > "$RESULTS"
-QUIET="^W0000\|^I0000\|^E0000\|cuda_dnn\|cuda_blas\|cuda_fft\|UserWarning\|warnings.warn"
-run() {  # run MAX SCRIPT ARGS...: a benchmark for at most MAX seconds of the
-         # budget, skipped when under 40 are left
-  local t=$((BUDGET - SECONDS)) max=$1; shift
-  [ "$t" -gt "$max" ] && t=$max
-  if [ "$t" -ge 40 ]; then
-    timeout "$t" python3 "$@" 2>&1 | grep -v "$QUIET"
-  else echo "-- skipped (time budget)"; fi
-  echo "   [elapsed ${SECONDS} s]"
-}
 LARGE="--model mae_vit_large_patch16 --dtype bfloat16"
 TIMING="--steps 5 --warmup 1 --chain 4 --out $RESULTS"
 best() {  # the fastest mae_jax mode at batch 512: ATTENTION SPLIT (on/off)
@@ -45,9 +33,7 @@ print(r['attention'], 'on' if r['split_qkv'] else 'off')
 EOF
 }
 {
-  date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python3 -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+  header
   echo "== A. large batch 512: cuDNN (split and fused qkv), cudnn_long; PyTorch peers"
   run 270 benchmarks/pretrain_throughput.py $LARGE --batch 512 $TIMING \
     --time-limit 215 --attention cudnn,cudnn_long --split-qkv on,off \

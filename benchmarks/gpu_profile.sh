@@ -16,20 +16,8 @@ set -u
 OUT=${OUT:-docs/gpu}
 BUDGET=${BUDGET:-540}
 source benchmarks/gpu_env.sh
-# B reuses A's compile of the fastest set.
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/mae_jax_cache}
 RESULTS="$OUT/gpu_profile.jsonl"
 : > "$RESULTS"
-QUIET="^W0000\|^I0000\|^E0000\|cuda_dnn\|cuda_blas\|cuda_fft"
-run() {  # run MAX SCRIPT ARGS...: a benchmark for at most MAX seconds of the
-         # budget, skipped when under 40 are left
-  local t=$((BUDGET - SECONDS)) max=$1; shift
-  [ "$t" -gt "$max" ] && t=$max
-  if [ "$t" -ge 40 ]; then
-    timeout "$t" python3 "$@" 2>&1 | grep -v "$QUIET"
-  else echo "-- skipped (time budget)"; fi
-  echo "   [elapsed ${SECONDS} s]"
-}
 LARGE="--model mae_vit_large_patch16 --dtype bfloat16 --attention cudnn"
 TIMING="--steps 5 --warmup 1 --chain 4 --time-limit 190 --out $RESULTS"
 OPTIONS="base;lt=xla_gpu_enable_cublaslt=true"
@@ -49,9 +37,7 @@ print(name if sys.argv[2] == 'name' else opts)
 EOF
 }
 {
-  date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python3 -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+  header
   echo "== A. large batch 256: XLA option sets, PyTorch peer (eager)"
   run 240 benchmarks/pretrain_throughput.py $LARGE --batch 256 $TIMING \
     --xla-options "$OPTIONS" --torch-peer eager
