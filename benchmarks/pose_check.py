@@ -146,16 +146,21 @@ def run_seed(seed, args, out, totals):
       'pose_random': train_command(POSE_CONFIG, dirs['pose_random'],
                                    args.pose, seed)}
   wall = {k: run_stage(commands[k], dirs[k], totals[k]) for k in STAGES}
-  scores = {}
+  scores, people = {}, set()
   for init in ('pretrained', 'random'):
     stage = 'pose_mae' if init == 'pretrained' else 'pose_random'
     result = last_eval(dirs[stage], totals[stage])
     for key in SCORES:
       scores[f'{key.lower()}_{init}'] = result.get(key)
+    people.add(result.get('count'))
+  if len(people) != 1:
+    raise StageError(f'seed {seed}: the two pose runs were evaluated on '
+                     f'different sets ({sorted(people, key=str)} people)')
   print(f'seed {seed}: ' + ', '.join(f'{k} {v:.3f}' for k, v in
                                       scores.items() if v is not None),
         flush=True)
-  return scores, wall, {k: shlex.join(v) for k, v in commands.items()}
+  return scores, wall, {k: shlex.join(v) for k, v in commands.items()}, \
+      people.pop()
 
 
 def median(values):
@@ -194,9 +199,10 @@ Per seed s: MAE pretraining ({PRETRAIN_CONFIG}, the photographs bundled
 with scikit-image), then ViTPose ({POSE_CONFIG}, the generated keypoint set
 of `mae_jax.pose.synthetic`) from that encoder (`config.init_from`) and from
 random initialisation, with the same budget and `config.seed=s`. Scores: the
-last evaluation of each pose run, on the val split with ground-truth boxes
-and the flip test: COCO OKS AP and AP50 (pycocotools, in [0, 1]) and PCK at
-0.2 of the box size.
+last evaluation of each pose run, on the val split
+({s['eval_people']:.0f} people) with ground-truth boxes and the flip test:
+COCO OKS AP and AP50 (pycocotools, in [0, 1]) and PCK at 0.2 of the box
+size.
 
 | seed | AP (pretrained / random) | AP50 | PCK@0.2 | wall s (MAE / pose pretrained / pose random) |
 |---|---|---|---|---|
@@ -253,6 +259,7 @@ def main():
                      wall_s={k: median(w[k] for w in walls)
                              for k in STAGES}),
       'commands': [p[2] for p in per_seed],
+      'eval_people': per_seed[0][3],
       'command': 'python benchmarks/pose_check.py ' + shlex.join(
           sys.argv[1:]),
       'machine': f'{cpu_name()}, {os.cpu_count()} cores, '

@@ -49,7 +49,7 @@ from mae_jax.errors import CheckpointError
 MODEL_CLASSES = {cls.__name__: cls
                  for cls in (MaskedAutoencoder, VisionTransformer, ViTPose)}
 _NOT_SAVED = ('dtype', 'param_dtype', 'attention_impl', 'split_qkv', 'remat',
-              'parent', 'name')
+              'weight_init', 'parent', 'name')
 
 
 def model_description(model):

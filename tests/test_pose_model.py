@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import traverse_util
 
 import mae_jax
 from mae_jax import convert
@@ -93,3 +94,35 @@ def test_bad_head_padding_and_input_shape_are_one_line_errors():
   model = create_model('vitpose_tiny_patch8')
   with pytest.raises(ValueError, match=r'\(N, 128, 96, 3\)'):
     model.init(jax.random.key(0), np.zeros((1, 96, 128, 3), np.float32))
+
+
+def _init_params(model, x, **kwargs):
+  params = model.init(jax.random.key(0), x, **kwargs)['params']
+  return {'/'.join(k): np.asarray(v)
+          for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def test_random_init_is_the_official_vitpose_backbones_from_scratch():
+  """ViTPose from scratch: linear kernels N(0, 0.02) (timm's trunc_normal_),
+  zero biases, the patch convolution PyTorch's default U(+-1/sqrt(fan_in))
+  for kernel and bias; the MAE keeps its Xavier-uniform initialisation."""
+  pose = _init_params(create_model('vitpose_tiny_patch8'),
+                      np.zeros((1, 128, 96, 3), np.float32))
+  for name in ('attn/qkv', 'attn/proj', 'mlp/fc1', 'mlp/fc2'):
+    kernel = pose[f'blocks_0/{name}/kernel']
+    assert kernel.std() == pytest.approx(0.02, rel=0.03), name
+    assert not pose[f'blocks_0/{name}/bias'].any()
+  bound = (8 * 8 * 3) ** -0.5
+  for leaf in ('kernel', 'bias'):
+    value = pose[f'patch_embed/{leaf}']
+    assert np.abs(value).max() <= bound
+    assert value.std() == pytest.approx(bound / 3 ** 0.5, rel=0.15), leaf
+  mae_model = create_model('mae_vit_tiny_patch8')
+  mae = _init_params(mae_model, np.zeros((1, 64, 64, 3), np.float32),
+                     noise=np.zeros((1, 64), np.float32))
+  fc1 = mae['blocks_0/mlp/fc1/kernel']
+  assert fc1.std() == pytest.approx((2 / (192 + 768)) ** 0.5, rel=0.03)
+  assert not mae['patch_embed/bias'].any()
+  with pytest.raises(ValueError, match=r"weight_init='torch' is not one of"):
+    create_model('vitpose_tiny_patch8', weight_init='torch').init(
+        jax.random.key(0), np.zeros((1, 128, 96, 3), np.float32))

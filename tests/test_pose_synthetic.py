@@ -224,7 +224,7 @@ def test_default_root_is_in_the_cache_folder_and_used_without_root(
     tmp_path, monkeypatch):
   monkeypatch.setenv('MAE_JAX_CACHE', os.fspath(tmp_path))
   assert synthetic.default_root(seed=2) == tmp_path / (
-      f'synthetic_pose_v{synthetic.VERSION}_seed2')
+      f'synthetic_pose_v{synthetic.VERSION}_seed2_train600_val1000')
   assert synthetic.default_root(2, SMALL).name.endswith('_train10_val4')
   assert synthetic.default_root(2, dict(synthetic.SIZES)) == (
       synthetic.default_root(2))

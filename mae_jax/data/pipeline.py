@@ -213,13 +213,13 @@ def make_iterator(data_cfg, global_batch_size, *, seed, start_step=0,
       return train_transform(image, augment.example_key(seed, epoch, index),
                              size, mean, std)
 
-    jpeg_transform = None
     bytes_transform = augment.get_train_bytes_transform(
         _field(data_cfg, 'augment'))
-    if bytes_transform is not None:  # same draws, crop window decoded only
-      def jpeg_transform(data, epoch, index):
-        return bytes_transform(data, augment.example_key(seed, epoch, index),
-                               size, mean, std)
+
+    def decode_crop(data, epoch, index):  # same draws, crop window decoded
+      return bytes_transform(data, augment.example_key(seed, epoch, index),
+                             size, mean, std)
+    jpeg_transform = decode_crop if bytes_transform is not None else None
   else:
     refs = _eval_refs(src, data_cfg, global_batch_size, process_index,
                       process_count)

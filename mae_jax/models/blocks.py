@@ -47,14 +47,15 @@ def block_stack(owner, name, depth, num_heads, drop_path_rate=0.0,
                 deterministic=True):
   """The blocks of a stack with the settings of the module `owner`
   (mlp_ratio, attention_impl, split_qkv, dtype, param_dtype, norm_eps,
-  remat, scan_blocks),
+  weight_init, remat, scan_blocks),
   created in its setup or compact method: a list of Blocks named
   `{name}_{i}`, or with scan_blocks one scanned module named `name`
   (`deterministic` fixes its stochastic depth off or on; unrolled blocks
   take it per call)."""
   kw = dict(mlp_ratio=owner.mlp_ratio, attention_impl=owner.attention_impl,
             split_qkv=owner.split_qkv, dtype=owner.dtype,
-            param_dtype=owner.param_dtype, norm_eps=owner.norm_eps)
+            param_dtype=owner.param_dtype, norm_eps=owner.norm_eps,
+            weight_init=owner.weight_init)
   if owner.scan_blocks:
     return scan_block_class(owner.remat, depth)(
         num_heads, drop_path_rate=drop_path_rate, deterministic=deterministic,

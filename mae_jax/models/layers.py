@@ -20,6 +20,23 @@ from mae_jax.models.patches import patchify
 LN_EPS = 1e-6
 Dense = functools.partial(nn.Dense, kernel_init=nn.initializers.xavier_uniform(),
                           bias_init=nn.initializers.zeros)
+# Initialisation of the blocks' linear kernels and the patch embedding, by
+# `weight_init`: 'mae' as the official MAE (Xavier uniform, the patch kernel
+# as a linear layer, zero biases); 'vitpose' as the official ViTPose backbone
+# trained from scratch (linear kernels timm's trunc_normal_(std=0.02), cut at
+# +-2 absolute, so a plain N(0, 0.02); the patch convolution PyTorch's
+# default, weights and bias U(+-1/sqrt(fan_in))).
+WEIGHT_INITS = ('mae', 'vitpose')
+_LINEAR_INIT = {'mae': nn.initializers.xavier_uniform(),
+                'vitpose': nn.initializers.normal(0.02)}
+
+
+def linear_init(weight_init):
+  """Kernel initialiser of the blocks' linear layers for `weight_init`."""
+  if weight_init not in _LINEAR_INIT:
+    raise ValueError(f'weight_init={weight_init!r} is not one of '
+                     f'{", ".join(WEIGHT_INITS)}')
+  return _LINEAR_INIT[weight_init]
 
 
 def gelu(x):
@@ -41,8 +58,9 @@ def dense_2d(layer, x):
 class PatchEmbed(nn.Module):
   """p x p convolution with stride p, computed as a matmul on patch vectors.
 
-  The kernel is stored as a conv kernel (p, p, C, D); it is initialised
-  Xavier-uniform as a linear layer of fan_in p*p*C and fan_out D.
+  The kernel is stored as a conv kernel (p, p, C, D); with weight_init 'mae'
+  it is initialised Xavier-uniform as a linear layer of fan_in p*p*C and
+  fan_out D (zero bias), with 'vitpose' as PyTorch's Conv2d default.
   (N, H, W, C) images -> (N, L, D) tokens; with `keep` (N, K) patch indices
   only those patches are embedded: (N, K, D), as the masking gather of the
   embedded tokens would give, for K/L of the matmul.
@@ -51,16 +69,26 @@ class PatchEmbed(nn.Module):
   embed_dim: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  weight_init: str = 'mae'
 
   @nn.compact
   def __call__(self, imgs, keep=None):
     p, c = self.patch_size, imgs.shape[-1]
-    init = nn.initializers.variance_scaling(
-        1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=3)
+    linear_init(self.weight_init)  # checks the name
+    if self.weight_init == 'mae':
+      init = nn.initializers.variance_scaling(
+          1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=3)
+      bias_init = nn.initializers.zeros
+    else:  # PyTorch's Conv2d default: U(+-1/sqrt(fan_in)) for both
+      init = nn.initializers.variance_scaling(
+          1 / 3, 'fan_in', 'uniform', in_axis=(0, 1, 2), out_axis=3)
+      bound = (p * p * c) ** -0.5
+
+      def bias_init(key, shape, dtype):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
     kernel = self.param('kernel', init, (p, p, c, self.embed_dim),
                         self.param_dtype)
-    bias = self.param('bias', nn.initializers.zeros, (self.embed_dim,),
-                      self.param_dtype)
+    bias = self.param('bias', bias_init, (self.embed_dim,), self.param_dtype)
     x = patchify(imgs.astype(self.dtype), p)  # (N, L, p*p*C)
     if keep is not None:
       x = gather_tokens(x, keep)  # (N, K, p*p*C)
@@ -71,18 +99,20 @@ class PatchEmbed(nn.Module):
 class QKV(nn.Module):
   """The fused qkv projection (kernel (D, 3D), bias (3D), as nn.Dense with
   Xavier-uniform weights and zero bias), computed as three matmuls on the
-  kernel's column blocks: (N, T, D) -> q, k, v (N, T, H, hd) each, every one
+  kernel's column blocks (kernel init by `weight_init`, see WEIGHT_INITS):
+  (N, T, D) -> q, k, v (N, T, H, hd) each, every one
   a whole array, so an attention kernel takes them with no copies (one
   matmul and slices of its (N, T, 3, H, hd) output copy q, k and v out, and
   the backward pass concatenates their gradients)."""
   num_heads: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  weight_init: str = 'mae'
 
   @nn.compact
   def __call__(self, x):
     n, t, d = x.shape
-    kernel = self.param('kernel', nn.initializers.xavier_uniform(), (d, 3 * d),
+    kernel = self.param('kernel', linear_init(self.weight_init), (d, 3 * d),
                         self.param_dtype).astype(self.dtype)
     bias = self.param('bias', nn.initializers.zeros, (3 * d,),
                       self.param_dtype).astype(self.dtype)
@@ -122,6 +152,7 @@ class Attention(nn.Module):
   attention_impl: Any = None
   split_qkv: bool = True
   pad_odd: Optional[bool] = None
+  weight_init: str = 'mae'
 
   @nn.compact
   def __call__(self, x):
@@ -130,7 +161,8 @@ class Attention(nn.Module):
       raise ValueError(f'width {d} is not divisible by num_heads={self.num_heads}')
     head_dim = d // self.num_heads
     dense = functools.partial(Dense, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
+                              param_dtype=self.param_dtype,
+                              kernel_init=linear_init(self.weight_init))
     if self.attention_impl == 'chunked':
       qkv = dense_2d(dense(3 * d, name='qkv'), x)
       q, k, v = qkv.reshape(n, t, 3, self.num_heads, head_dim).transpose(
@@ -145,7 +177,8 @@ class Attention(nn.Module):
       x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
     if self.split_qkv:
       q, k, v = QKV(self.num_heads, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name='qkv')(x)
+                    param_dtype=self.param_dtype,
+                    weight_init=self.weight_init, name='qkv')(x)
     else:
       qkv = dense_2d(dense(3 * d, name='qkv'), x).reshape(
           n, t + pad, 3, self.num_heads, head_dim)
@@ -163,11 +196,13 @@ class Mlp(nn.Module):
   hidden_dim: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  weight_init: str = 'mae'
 
   @nn.compact
   def __call__(self, x):
     dense = functools.partial(Dense, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
+                              param_dtype=self.param_dtype,
+                              kernel_init=linear_init(self.weight_init))
     width = x.shape[-1]
     x = dense_2d(dense(self.hidden_dim, name='fc1'), x)
     x = gelu(x)
@@ -209,10 +244,11 @@ def _block_body(blk, x, deterministic, rate, stochastic_depth):
     return x + branch
 
   x = residual(Attention(blk.num_heads, attention_impl=blk.attention_impl,
-                         split_qkv=blk.split_qkv, name='attn',
-                         **kw)(norm(name='norm1')(x)))
+                         split_qkv=blk.split_qkv, weight_init=blk.weight_init,
+                         name='attn', **kw)(norm(name='norm1')(x)))
   hidden = int(x.shape[-1] * blk.mlp_ratio)
-  x = residual(Mlp(hidden, name='mlp', **kw)(norm(name='norm2')(x)))
+  x = residual(Mlp(hidden, weight_init=blk.weight_init, name='mlp',
+                   **kw)(norm(name='norm2')(x)))
   return batch_sharded(x)
 
 
@@ -230,6 +266,7 @@ class Block(nn.Module):
   attention_impl: Any = None
   norm_eps: float = LN_EPS
   split_qkv: bool = True
+  weight_init: str = 'mae'  # see WEIGHT_INITS
 
   @nn.compact
   def __call__(self, x, deterministic=True):
@@ -267,6 +304,7 @@ class ImageInput(nn.Module):
   # None/'xla', 'cudnn' or 'cudnn_long' (GPU), 'chunked' (see Attention)
   attention_impl: Optional[str] = None
   split_qkv: bool = True  # q, k, v from three matmuls (see Attention)
+  weight_init: str = 'mae'  # initialisation of the blocks (WEIGHT_INITS)
   remat: bool = False  # recompute block activations in the backward pass
   # nn.scan over the blocks: one traced block per stack (much faster
   # compiles of deep models); the params of a stack ('blocks',

@@ -98,6 +98,7 @@ class ViTPose(layers.ImageInput):
   head_width: int = 256  # channels of the classic head's deconvolutions
   upsample: int = 4  # the simple head's bilinear factor
   patch_padding: int = 2
+  weight_init: str = 'vitpose'  # from scratch as the official backbone
 
   def __post_init__(self):
     super().__post_init__()
@@ -131,7 +132,8 @@ class ViTPose(layers.ImageInput):
     # The padded convolution's windows, as non-overlapping patches.
     x = jnp.pad(imgs, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     x = x[:, :gh * p, :gw * p]
-    x = layers.PatchEmbed(p, self.embed_dim, name='patch_embed', **kw)(x)
+    x = layers.PatchEmbed(p, self.embed_dim, weight_init=self.weight_init,
+                          name='patch_embed', **kw)(x)
     # Official init: trunc_normal_(std=0.02), truncated at +-2 (absolute),
     # which for std 0.02 is a plain normal.
     pos = self.param('pos_embed', nn.initializers.normal(0.02),
