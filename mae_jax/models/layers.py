@@ -97,10 +97,9 @@ class PatchEmbed(nn.Module):
 
 
 class QKV(nn.Module):
-  """The fused qkv projection (kernel (D, 3D), bias (3D), as nn.Dense with
-  Xavier-uniform weights and zero bias), computed as three matmuls on the
-  kernel's column blocks (kernel init by `weight_init`, see WEIGHT_INITS):
-  (N, T, D) -> q, k, v (N, T, H, hd) each, every one
+  """The fused qkv projection (kernel (D, 3D) initialised by `weight_init`,
+  see WEIGHT_INITS; bias (3D), zero), computed as three matmuls on the
+  kernel's column blocks: (N, T, D) -> q, k, v (N, T, H, hd) each, every one
   a whole array, so an attention kernel takes them with no copies (one
   matmul and slices of its (N, T, 3, H, hd) output copy q, k and v out, and
   the backward pass concatenates their gradients)."""
@@ -315,6 +314,7 @@ class ImageInput(nn.Module):
 
   def __post_init__(self):
     self.img_size = normalize_img_size(self.img_size)
+    linear_init(self.weight_init)  # an unknown name fails at construction
     super().__post_init__()
 
   @property
