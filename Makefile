@@ -50,11 +50,11 @@ $(LIBTPU_DIR)/.installed: $(VENV)/.test-installed
 	  || { echo "pip install libtpu failed; full log: $(PIP_LOG)" >&2; exit 1; }
 	@mkdir -p $(LIBTPU_DIR) && touch $@
 
-# TEST_WORKERS=2: two pytest-xdist workers, each taking whole files (a
-# module's fixtures are built once); 24 min instead of 30 on two cores, but
-# the profile test's torch-peer shares then vary with the other worker's
-# load. The default, 0, runs the suite in this process.
-TEST_WORKERS ?= 0
+# Two pytest-xdist workers, each taking whole files (a module's fixtures
+# are built once): one process leaves the second core mostly idle (the
+# suite's one process averaged 0.7 of a core). TEST_WORKERS=0 runs the
+# suite in this process.
+TEST_WORKERS ?= 2
 
 test: $(VENV)/.test-installed $(LIBTPU_DIR)/.installed
 	TPU_LIBRARY_PATH=$(CURDIR)/$(LIBTPU_DIR)/libtpu/libtpu.so $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests

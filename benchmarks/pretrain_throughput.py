@@ -12,7 +12,8 @@ attention modes in one process (a failing mode is reported, the rest go
 on); `--fuse-gather on,off` times the model with and without the
 patch-embedding/masking-gather fusion (config.fuse_patch_gather),
 `--split-qkv on,off` with q, k, v from three matmuls or slices of one
-(config.split_qkv);
+(config.split_qkv), `--fold-qkv-bias off,on` with k's bias dropped and v's
+folded into the output projection (config.fold_qkv_bias);
 `--xla-options 'base;lt=xla_gpu_enable_cublaslt=true'` compiles the step
 once per named set of XLA compiler options (`name=option=value,...`; `base`
 alone is XLA's defaults). All modes and the peers are compiled and set up
@@ -29,6 +30,7 @@ batch or at `--peer-batch`, and prints the ratios of images per second.
 One JSON line per configuration goes to --out. Imports no TensorFlow.
 """
 import argparse
+import collections
 import json
 import os
 import platform
@@ -45,6 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 from configs import pretrain as pretrain_config  # noqa: E402
 from mae_jax import MAE_CONFIGS  # noqa: E402
 from mae_jax.train import pretrain, sharding  # noqa: E402
+from benchmarks.torch_peer import peer_step  # noqa: E402
 from mae_jax.schema import ATTENTION  # noqa: E402
 
 # Dense peak TFLOP/s by device kind and dtype (vendor figures).
@@ -88,14 +91,14 @@ def step_config(args, **fields):
 
 
 def build_step(args, attention='default', fuse=True, options=None,
-               split=True):
+               split=True, remat=False, fold=False):
   """(compiled train step, state, images, compile seconds) of mae_jax's
-  pretraining step for args.model / batch / dtype / image_size / remat,
+  pretraining step for args.model / batch / dtype / image_size,
   on all devices (data parallel), with a synthetic batch; `options`: XLA
   compiler options ({name: value}) for this compile."""
-  config = step_config(args, attention=attention,
-                       remat=getattr(args, 'remat', False),
-                       fuse_patch_gather=fuse, split_qkv=split)
+  config = step_config(args, attention=attention, remat=remat,
+                       fuse_patch_gather=fuse, split_qkv=split,
+                       fold_qkv_bias=fold)
   devices = jax.devices()
   mesh = sharding.make_mesh((len(devices), 1), devices)
   t = pretrain.PretrainTask(config, mesh)
@@ -140,13 +143,19 @@ def parse_options(text):
   return sets
 
 
+# One timed mae_jax configuration: config.attention, fuse_patch_gather,
+# split_qkv, fold_qkv_bias, and the name of its set of XLA options.
+Mode = collections.namedtuple('Mode', 'attention fuse split fold options')
+
+
 class JaxStep:
   """One compiled mae_jax train step on its own state; each call runs
   `chain` steps and waits for the last."""
 
-  def __init__(self, args, attention, fuse, split, options):
+  def __init__(self, args, mode, options):
     self.compiled, self.state, self.images, self.compile_s = build_step(
-        args, attention, fuse, options, split)
+        args, mode.attention, mode.fuse, options, mode.split, args.remat,
+        mode.fold)
     self.chain = args.chain
     cost = self.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -160,47 +169,6 @@ class JaxStep:
                                           jnp.int32(self.step))
       self.step += 1
     self.loss = float(jax.block_until_ready(metrics['loss']))
-
-
-def torch_step(args, compiled=False):
-  """A callable running `args.chain` train steps of the PyTorch peer
-  (torch.compile'd with `compiled`), waiting for the device at the end."""
-  import torch  # pylint: disable=import-outside-toplevel
-  from transformers import ViTMAEConfig, ViTMAEForPreTraining  # pylint: disable=import-outside-toplevel
-  c = MAE_CONFIGS[args.model]
-  cfg = ViTMAEConfig(
-      hidden_size=c['embed_dim'], num_hidden_layers=c['depth'],
-      num_attention_heads=c['num_heads'], intermediate_size=4 * c['embed_dim'],
-      decoder_hidden_size=c['decoder_embed_dim'],
-      decoder_num_hidden_layers=c['decoder_depth'],
-      decoder_num_attention_heads=c['decoder_num_heads'],
-      decoder_intermediate_size=4 * c['decoder_embed_dim'],
-      image_size=args.image_size, patch_size=c['patch_size'],
-      layer_norm_eps=1e-6, mask_ratio=0.75, norm_pix_loss=True,
-      hidden_act='gelu', qkv_bias=True, attn_implementation='sdpa')
-  device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  model = ViTMAEForPreTraining(cfg).to(device).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
-                          weight_decay=0.05, fused=device == 'cuda')
-  forward = torch.compile(model) if compiled else model
-  batch = getattr(args, 'peer_batch', None) or args.batch
-  images = torch.randn(batch, 3, args.image_size, args.image_size,
-                       device=device)
-  autocast = torch.autocast(device_type=device, dtype=torch.bfloat16,
-                            enabled=args.dtype == 'bfloat16')
-  sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-
-  def step():
-    for _ in range(getattr(args, 'chain', 1)):
-      with autocast:
-        loss = forward(pixel_values=images).loss
-      loss.backward()
-      opt.step()
-      opt.zero_grad(set_to_none=True)
-    sync()
-
-  step.version = torch.__version__
-  return step
 
 
 def round_robin(steppers, warmup, steps, deadline=None):
@@ -229,22 +197,20 @@ def round_robin(steppers, warmup, steps, deadline=None):
 
 
 def mode_name(mode):
-  """'cudnn', 'xla unfused-gather', 'cudnn lt' ... for (attention, fuse,
-  split, options name)."""
-  attention, fuse, split, options = mode
-  return (attention + ('' if fuse else ' unfused-gather')
-          + ('' if split else ' fused-qkv')
-          + ('' if options == 'base' else f' {options}'))
+  """'cudnn', 'xla unfused-gather', 'cudnn folded-bias lt' ... of a Mode."""
+  return (mode.attention + ('' if mode.fuse else ' unfused-gather')
+          + ('' if mode.split else ' fused-qkv')
+          + (' folded-bias' if mode.fold else '')
+          + ('' if mode.options == 'base' else f' {mode.options}'))
 
 
 def report(args, mode, stepper, times, flops, options):
   """The result dict of one timed mae_jax mode (printed)."""
-  attention, fuse, split, _ = mode
   step_times = [t / args.chain for t in times]
   result = {'model': args.model, 'batch': args.batch, 'dtype': args.dtype,
-            'attention': attention, 'remat': args.remat,
-            'fuse_patch_gather': fuse, 'split_qkv': split,
-            'mode': mode_name(mode),
+            'attention': mode.attention, 'remat': args.remat,
+            'fuse_patch_gather': mode.fuse, 'split_qkv': mode.split,
+            'fold_qkv_bias': mode.fold, 'mode': mode_name(mode),
             'xla_options': options, 'chain': args.chain,
             'device': jax.devices()[0].device_kind,
             'devices': jax.device_count(), 'host': platform.node(),
@@ -281,8 +247,8 @@ def failed(args, mode, error):
   print(f'{args.model} batch {args.batch} attention {mode_name(mode)} '
         f'FAILED: {error.splitlines()[0][:300]}', flush=True)
   return {'model': args.model, 'batch': args.batch, 'dtype': args.dtype,
-          'attention': mode[0], 'fuse_patch_gather': mode[1],
-          'split_qkv': mode[2],
+          'attention': mode.attention, 'fuse_patch_gather': mode.fuse,
+          'split_qkv': mode.split, 'fold_qkv_bias': mode.fold,
           'mode': mode_name(mode), 'error': error}
 
 
@@ -332,6 +298,10 @@ def main():
   parser.add_argument('--split-qkv', default='on',
                       help="'on', 'off' or 'on,off': q, k, v from three "
                       "matmuls (config.split_qkv)")
+  parser.add_argument('--fold-qkv-bias', default='off',
+                      help="'off', 'on' or 'off,on': k's bias dropped, v's "
+                      "folded into the output projection "
+                      "(config.fold_qkv_bias)")
   parser.add_argument('--xla-options', default='base',
                       help="';'-separated named sets of XLA compiler options, "
                       "e.g. 'base;lt=xla_gpu_enable_cublaslt=true'")
@@ -350,7 +320,9 @@ def main():
     if mode not in ATTENTION:
       parser.error(f'--attention: unknown mode {mode!r}')
   fuses, splits = args.fuse_gather.split(','), args.split_qkv.split(',')
-  for flag, values in (('--fuse-gather', fuses), ('--split-qkv', splits)):
+  folds = args.fold_qkv_bias.split(',')
+  for flag, values in (('--fuse-gather', fuses), ('--split-qkv', splits),
+                       ('--fold-qkv-bias', folds)):
     for value in values:
       if value not in ('on', 'off'):
         parser.error(f'{flag}: expected on/off, got {value!r}')
@@ -362,10 +334,9 @@ def main():
     option_sets = dict(parse_options(args.xla_options))
   except ValueError as e:
     parser.error(str(e))
-  modes = [(attention, fuse == 'on', split == 'on', options)
+  modes = [Mode(attention, fuse == 'on', split == 'on', fold == 'on', options)
            for attention in args.attention.split(',') for fuse in fuses
-           for split in splits
-           for options in option_sets]
+           for split in splits for fold in folds for options in option_sets]
 
   flops = analytic_flops(args.model, args.image_size)
   steppers, results = {}, {}
@@ -374,14 +345,16 @@ def main():
       results[mode] = failed(args, mode, 'not built: time limit')
       continue
     try:
-      steppers[mode] = JaxStep(args, *mode[:3], option_sets[mode[3]])
+      steppers[mode] = JaxStep(args, mode, option_sets[mode.options])
     except Exception as e:  # pylint: disable=broad-except
       results[mode] = failed(args, mode, f'{type(e).__name__}: {e}'[:2000])
   jax_steppers = dict(steppers)
   peer_errors = {}
   for name in peers:
     try:
-      steppers[name] = torch_step(args, compiled=name == 'compile')
+      steppers[name] = peer_step(args.model, args.image_size,
+                                 args.peer_batch or args.batch, args.dtype,
+                                 args.chain, compiled=name == 'compile')
     except Exception as e:  # pylint: disable=broad-except
       peer_errors[name] = f'{type(e).__name__}: {e}'[:2000]
   torch_steppers = {name: steppers[name] for name in peers
@@ -393,7 +366,7 @@ def main():
       results[mode] = failed(args, mode, errors[mode])
     elif mode in jax_steppers:
       results[mode] = report(args, mode, jax_steppers[mode], times[mode],
-                             flops, option_sets[mode[3]])
+                             flops, option_sets[mode.options])
     write_line(args.out, results[mode])
   for name in peers:
     if name in errors:

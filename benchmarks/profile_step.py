@@ -15,7 +15,7 @@ residual adds). A second table sums the same op
 times by where they come from in the model (the op_name of each op: dense
 layers, attention core, GELU, LayerNorm, the rest of the model, outside it),
 forward and backward apart. --torch-peer adds the PyTorch peer's step
-(transformers' ViTMAEForPreTraining, as in pretrain_throughput.py) by
+(transformers' ViTMAEForPreTraining, benchmarks/torch_peer.py) by
 torch.profiler, its op self times summed by group. Prints ms per step and
 share of the traced op time, the slowest kernels, and the share of the
 traced span the device was busy (the steps are dispatched back to back, one
@@ -42,7 +42,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.pretrain_throughput import (add_step_args, build_step,  # noqa: E402
-                                            parse_options, torch_step)
+                                            parse_options)
+from benchmarks.torch_peer import peer_step  # noqa: E402
 from benchmarks.trace_tables import (device_events, read_trace,  # noqa: E402
                                      summarize, table)
 from mae_jax.schema import ATTENTION  # noqa: E402
@@ -59,7 +60,7 @@ def torch_profile(args):
   """[{'group', 'ms_per_step', 'share'}] of the PyTorch peer's step: the
   self CPU time of its ops by torch.profiler, summed by TORCH_GROUPS."""
   import torch  # pylint: disable=import-outside-toplevel
-  step = torch_step(args)
+  step = peer_step(args.model, args.image_size, args.batch, args.dtype)
   step()
   step()
   with torch.profiler.profile(

@@ -48,8 +48,8 @@ from mae_jax.errors import CheckpointError
 
 MODEL_CLASSES = {cls.__name__: cls
                  for cls in (MaskedAutoencoder, VisionTransformer, ViTPose)}
-_NOT_SAVED = ('dtype', 'param_dtype', 'attention_impl', 'split_qkv', 'remat',
-              'weight_init', 'parent', 'name')
+_NOT_SAVED = ('dtype', 'param_dtype', 'attention_impl', 'split_qkv',
+              'fold_qkv_bias', 'remat', 'weight_init', 'parent', 'name')
 
 
 def model_description(model):

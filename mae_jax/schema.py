@@ -87,6 +87,8 @@ def config(task, **values):
                                      # 'xla', 'chunked', 'cudnn' (GPU only) or
                                      # 'cudnn_long' (cuDNN from 128 tokens)
   c.split_qkv = True                 # q, k, v from three matmuls, no copies
+  c.fold_qkv_bias = False            # drop k's bias, fold v's into the
+                                     # output projection's (same function)
   c.remat = False                    # recompute block activations in backward
   c.scan_blocks = False              # nn.scan over blocks: faster compiles,
                                      # params stacked (saved in that layout)
@@ -268,6 +270,7 @@ _PROBABILITY = _number(lambda v: 0 <= v <= 1, 'must lie in [0, 1]')
 # field: (predicate, what is allowed); the choice fields are checked apart.
 _COMMON = {
     'remat': _BOOL, 'scan_blocks': _BOOL, 'split_qkv': _BOOL,
+    'fold_qkv_bias': _BOOL,
     'skip_nonfinite': _BOOL,
     'seed': _int(0), 'batch_size': _int(1), 'accum_iter': _int(1),
     'blr': _POSITIVE, 'min_lr': _NON_NEGATIVE,
@@ -369,6 +372,8 @@ def check(config):
     raise ConfigError(f'config.data.image_size='
                       f'{normalize_img_size(data.image_size)!r} is not a '
                       f'multiple of the patch size {patch} of {config.model}')
+  if config.fold_qkv_bias and not config.split_qkv:
+    raise ConfigError('config.fold_qkv_bias=True needs config.split_qkv=True')
   if config.total_steps <= 0 and config.epochs <= 0:
     raise ConfigError('config.total_steps and config.epochs are both <= 0; '
                       'set one of them to a positive number')

@@ -25,11 +25,14 @@ def test_throughput_times_modes_and_peer_side_by_side(tmp_path):
   out = tmp_path / 'r.jsonl'
   printed = _run('pretrain_throughput.py', *TINY, '--steps', '2',
                  '--warmup', '1', '--attention', 'xla,chunked',
-                 '--fuse-gather', 'on,off', '--torch-peer', '--out', str(out))
+                 '--fuse-gather', 'on,off', '--fold-qkv-bias', 'off,on',
+                 '--torch-peer', '--out', str(out))
   lines = [json.loads(line) for line in out.read_text().splitlines()]
-  modes, peer = lines[:4], lines[4]
-  assert [(r['attention'], r['fuse_patch_gather']) for r in modes] == [
-      ('xla', True), ('xla', False), ('chunked', True), ('chunked', False)]
+  modes, peer = lines[:8], lines[8]
+  assert [(r['attention'], r['fuse_patch_gather'], r['fold_qkv_bias'])
+          for r in modes] == [
+              (attention, fuse, fold) for attention in ('xla', 'chunked')
+              for fuse in (True, False) for fold in (False, True)]
   for r in modes:
     assert r['img_per_s'] > 0 and len(r['step_s_all']) == 2
     # the analytic FLOP count agrees with XLA's cost analysis (spec sec. 9)
@@ -39,9 +42,10 @@ def test_throughput_times_modes_and_peer_side_by_side(tmp_path):
     assert abs(r['loss'] - modes[0]['loss']) < 1e-4
   assert peer['framework'] == 'torch' and len(peer['step_s_all']) == 2
   assert set(peer['ratio_vs_torch']) == {
-      'xla', 'xla unfused-gather', 'chunked', 'chunked unfused-gather'}
+      attention + fuse + fold for attention in ('xla', 'chunked')
+      for fuse in ('', ' unfused-gather') for fold in ('', ' folded-bias')}
   ratio = peer['ratio_vs_torch']['chunked']
-  assert abs(ratio - modes[2]['img_per_s'] / peer['img_per_s']) < 1e-9
+  assert abs(ratio - modes[4]['img_per_s'] / peer['img_per_s']) < 1e-9
   assert 'mae_jax (chunked attention) / torch' in printed
 
 
@@ -61,8 +65,12 @@ def test_profile_classifies_the_step(tmp_path):
     for direction in ('forward', 'backward'):
       assert any(name.startswith(part) and name.endswith(direction)
                  for name in sources), (part, direction)
+  # The peer's shares are of its ops' wall times, which another process on
+  # the machine (a second test worker) shifts: only their presence is
+  # asserted.
   peer = {row['group']: row['share'] for row in table['torch_peer']}
-  assert abs(sum(peer.values()) - 1) < 1e-6 and peer['matmul'] > 0.1
+  assert abs(sum(peer.values()) - 1) < 1e-6
+  assert peer.get('matmul', 0) > 0 and peer.get('attention', 0) > 0, peer
   assert table['op_ms_per_step'] > 0
 
 

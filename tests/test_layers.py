@@ -134,6 +134,63 @@ def test_odd_length_padding_is_exact(t, split):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize('pad', [False, True])
+def test_folded_qkv_biases_give_the_same_attention_and_gradients(pad):
+  # k's bias shifts all of a query's scores alike (softmax cancels it) and
+  # v's passes through the convex combination: dropping the one and folding
+  # the other into the projection's bias is the same function, with the
+  # same parameters. Biases made large so that a wrong fold shows.
+  x = _x((2, 7, 24))
+  attn = layers.Attention(num_heads=3, attention_impl='xla', pad_odd=pad)
+  folded = layers.Attention(num_heads=3, attention_impl='xla', pad_odd=pad,
+                            fold_qkv_bias=True)
+  params = attn.init(jax.random.key(1), x)['params']
+  assert (jax.tree.structure(folded.init(jax.random.key(1), x)['params'])
+          == jax.tree.structure(params))
+  params = jax.tree.map(lambda p: p + _x(p.shape, seed=3), params)
+  outs, grads = [], []
+  for module in (attn, folded):
+    loss = lambda p, m=module: jnp.sum(m.apply({'params': p}, x) ** 2)
+    outs.append(module.apply({'params': params}, x))
+    grads.append(jax.grad(loss)(params))
+  scale = float(jnp.abs(outs[0]).max())
+  assert scale > 1
+  np.testing.assert_allclose(outs[1], outs[0], atol=1e-6 * scale)
+  for a, b in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()))
+  k_bias = slice(24, 48)
+  assert not np.any(grads[1]['qkv']['bias'][k_bias])  # exactly zero
+  # The plain form's k-bias gradient is zero up to rounding, and the
+  # gradients of q's and v's biases are not.
+  bias_grad = np.abs(grads[0]['qkv']['bias'])
+  assert bias_grad[k_bias].max() < 1e-5 * bias_grad.max()
+  assert bias_grad[:24].min() > 0 and bias_grad[48:].min() > 0
+
+
+def _token_adds(fold):
+  """The adds over all (2 x 8) tokens' activations in the forward pass of
+  an Attention of width 24."""
+  x = _x((2, 8, 24))
+  attn = layers.Attention(num_heads=3, attention_impl='xla',
+                          fold_qkv_bias=fold)
+  text = jax.jit(attn.apply).lower(attn.init(jax.random.key(1), x),
+                                   x).as_text()
+  return [line for line in text.splitlines()
+          if re.search(r'stablehlo\.add\b', line) and 'tensor<16x24x' in line]
+
+
+def test_folded_qkv_biases_remove_two_bias_adds_over_every_token():
+  # q, k, v and the projection's bias adds; folded, q's and the projection's.
+  assert len(_token_adds(fold=False)) == 4
+  assert len(_token_adds(fold=True)) == 2
+
+
+def test_folded_qkv_biases_need_split_qkv():
+  attn = layers.Attention(num_heads=3, split_qkv=False, fold_qkv_bias=True)
+  with pytest.raises(ValueError, match='fold_qkv_bias needs split_qkv'):
+    attn.init(jax.random.key(1), _x((2, 8, 24)))
+
+
 def test_cudnn_long_uses_cudnn_from_128_tokens():
   assert layers.implementation_for('cudnn_long', 127) == 'xla'
   assert layers.implementation_for('cudnn_long', 128) == 'cudnn'

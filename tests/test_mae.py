@@ -82,6 +82,27 @@ def test_fused_patch_gather_equals_embedding_then_gathering(tiny):
     model.apply(variables, imgs, noise=noise[:, :63])
 
 
+def test_folded_qkv_biases_give_the_mae_the_same_loss_and_gradients(tiny):
+  # config.fold_qkv_bias through the encoder and decoder stacks: the same
+  # parameters, loss and gradients up to fp32 rounding (biases made nonzero).
+  model, variables = tiny
+  variables = jax.tree.map(
+      lambda p: p + 0.1 * jax.random.normal(jax.random.key(4), p.shape),
+      variables)
+  folded = mae_jax.mae_vit_tiny_patch8(fold_qkv_bias=True)
+  noise = jax.random.uniform(jax.random.key(6), (2, 64))
+  imgs = _imgs()
+  losses, grads = [], []
+  for m in (model, folded):
+    loss = lambda v, m=m: m.apply(v, imgs, noise=noise)[0]
+    losses.append(loss(variables))
+    grads.append(jax.grad(loss)(variables))
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
+    np.testing.assert_allclose(a, b, rtol=1e-3,
+                               atol=1e-4 * float(jnp.abs(b).max()))
+
+
 def test_loss_ignores_visible_patches():
   imgs = _imgs()
   pred = jax.random.normal(jax.random.key(1), (2, 64, 192))

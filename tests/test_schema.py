@@ -13,8 +13,8 @@ from mae_jax.errors import ConfigError
 
 MODULES = {'pretrain': pretrain, 'finetune': finetune, 'linprobe': linprobe,
            'pose': pose}
-COMMON = ('task', 'variant', 'model', 'dtype', 'attention', 'split_qkv', 'remat',
-          'scan_blocks', 'seed', 'mesh', 'batch_size', 'accum_iter', 'blr',
+COMMON = ('task', 'variant', 'model', 'dtype', 'attention', 'split_qkv',
+          'fold_qkv_bias', 'remat', 'scan_blocks', 'seed', 'mesh', 'batch_size', 'accum_iter', 'blr',
           'min_lr', 'weight_decay', 'epochs', 'warmup_epochs', 'total_steps',
           'warmup_steps', 'checkpoint_every_steps', 'keep_checkpoints',
           'log_every_steps', 'eval_every_steps', 'figure_every_steps',
@@ -142,6 +142,17 @@ def test_bad_values_are_refused_in_one_line_naming_the_field(task, field,
   with pytest.raises(ConfigError, match='^' + re.escape(message)) as error:
     schema.check(config)
   assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('task', sorted(MODULES))
+def test_folded_qkv_biases_are_refused_without_split_qkv(task):
+  config = MODULES[task].get_config('tiny')
+  config.fold_qkv_bias = True
+  schema.check(config)
+  config.split_qkv = False
+  with pytest.raises(ConfigError, match=re.escape(
+      'config.fold_qkv_bias=True needs config.split_qkv=True')):
+    schema.check(config)
 
 
 def test_config_refuses_unknown_tasks_and_other_tasks_fields():

@@ -102,23 +102,54 @@ class QKV(nn.Module):
   kernel's column blocks: (N, T, D) -> q, k, v (N, T, H, hd) each, every one
   a whole array, so an attention kernel takes them with no copies (one
   matmul and slices of its (N, T, 3, H, hd) output copy q, k and v out, and
-  the backward pass concatenates their gradients)."""
+  the backward pass concatenates their gradients).
+
+  With fold_bias, k and v come without their biases, and the call returns
+  (q, k, v, v's bias (D,), in param_dtype) for Attention to fold (see
+  Attention)."""
   num_heads: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   weight_init: str = 'mae'
+  fold_bias: bool = False
 
   @nn.compact
   def __call__(self, x):
     n, t, d = x.shape
     kernel = self.param('kernel', linear_init(self.weight_init), (d, 3 * d),
                         self.param_dtype).astype(self.dtype)
-    bias = self.param('bias', nn.initializers.zeros, (3 * d,),
-                      self.param_dtype).astype(self.dtype)
+    stored_bias = self.param('bias', nn.initializers.zeros, (3 * d,),
+                             self.param_dtype)
+    bias = stored_bias.astype(self.dtype)
     x = x.reshape(n * t, d).astype(self.dtype)
-    return tuple((x @ kernel[:, i * d:(i + 1) * d] + bias[i * d:(i + 1) * d])
-                 .reshape(n, t, self.num_heads, d // self.num_heads)
-                 for i in range(3))
+    out = []
+    for i in range(3):
+      y = x @ kernel[:, i * d:(i + 1) * d]
+      if i == 0 or not self.fold_bias:
+        y = y + bias[i * d:(i + 1) * d]
+      out.append(y.reshape(n, t, self.num_heads, d // self.num_heads))
+    return (*out, stored_bias[2 * d:]) if self.fold_bias else tuple(out)
+
+
+class OutProj(nn.Module):
+  """The attention's output projection, nn.Dense's parameters ('kernel'
+  (D, D), 'bias' (D)), with `extra_bias` (D,) added to the input's side of
+  the product: (x + extra_bias) @ kernel + bias, computed as x @ kernel +
+  (extra_bias @ kernel + bias), one (D,) x (D, D) product in param_dtype
+  instead of an add over every token. (N, T, D) -> same."""
+  weight_init: str = 'mae'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, extra_bias):
+    d = x.shape[-1]
+    kernel = self.param('kernel', linear_init(self.weight_init), (d, d),
+                        self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (d,), self.param_dtype)
+    bias = (extra_bias @ kernel + bias).astype(self.dtype)
+    y = x.reshape(-1, d).astype(self.dtype) @ kernel.astype(self.dtype) + bias
+    return y.reshape(x.shape)
 
 
 def implementation_for(attention_impl, t):
@@ -144,6 +175,16 @@ class Attention(nn.Module):
   there (or with pad_odd=True) the tokens are padded by one that the
   seq-length mask hides from every query, and the padded row is dropped
   after the output projection.
+
+  fold_qkv_bias (needs split_qkv; the 'chunked' path computes the plain
+  form): the same function with two of the three bias adds over every
+  token gone. k's bias adds q . b_k to
+  every score of a query, which softmax cancels, so k is computed without
+  it (its gradient is then exactly zero, where autodiff of the plain form
+  gives rounding noise); each attention output row is a convex combination
+  of v's rows, so v's bias passes through attention unchanged and is folded
+  into the output projection's bias (b_v @ W_proj + b_proj). Same
+  parameters and checkpoints; outputs differ by float rounding.
   """
   num_heads: int
   dtype: Any = jnp.float32
@@ -152,6 +193,7 @@ class Attention(nn.Module):
   split_qkv: bool = True
   pad_odd: Optional[bool] = None
   weight_init: str = 'mae'
+  fold_qkv_bias: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -162,6 +204,8 @@ class Attention(nn.Module):
     dense = functools.partial(Dense, dtype=self.dtype,
                               param_dtype=self.param_dtype,
                               kernel_init=linear_init(self.weight_init))
+    if self.fold_qkv_bias and not self.split_qkv:
+      raise ValueError('fold_qkv_bias needs split_qkv=True')
     if self.attention_impl == 'chunked':
       qkv = dense_2d(dense(3 * d, name='qkv'), x)
       q, k, v = qkv.reshape(n, t, 3, self.num_heads, head_dim).transpose(
@@ -175,9 +219,10 @@ class Attention(nn.Module):
     if pad:
       x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
     if self.split_qkv:
-      q, k, v = QKV(self.num_heads, dtype=self.dtype,
-                    param_dtype=self.param_dtype,
-                    weight_init=self.weight_init, name='qkv')(x)
+      q, k, v, *v_bias = QKV(self.num_heads, dtype=self.dtype,
+                             param_dtype=self.param_dtype,
+                             weight_init=self.weight_init,
+                             fold_bias=self.fold_qkv_bias, name='qkv')(x)
     else:
       qkv = dense_2d(dense(3 * d, name='qkv'), x).reshape(
           n, t + pad, 3, self.num_heads, head_dim)
@@ -186,7 +231,12 @@ class Attention(nn.Module):
     out = jax.nn.dot_product_attention(
         q, k, v, scale=head_dim ** -0.5, query_seq_lengths=lengths,
         key_value_seq_lengths=lengths, implementation=implementation)
-    out = dense_2d(dense(d, name='proj'), out.reshape(n, t + pad, d))
+    out = out.reshape(n, t + pad, d)
+    if self.fold_qkv_bias:
+      out = OutProj(self.weight_init, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name='proj')(out, *v_bias)
+    else:
+      out = dense_2d(dense(d, name='proj'), out)
     return out[:, :t] if pad else out
 
 
@@ -244,7 +294,7 @@ def _block_body(blk, x, deterministic, rate, stochastic_depth):
 
   x = residual(Attention(blk.num_heads, attention_impl=blk.attention_impl,
                          split_qkv=blk.split_qkv, weight_init=blk.weight_init,
-                         name='attn', **kw)(norm(name='norm1')(x)))
+                         fold_qkv_bias=blk.fold_qkv_bias, name='attn', **kw)(norm(name='norm1')(x)))
   hidden = int(x.shape[-1] * blk.mlp_ratio)
   x = residual(Mlp(hidden, weight_init=blk.weight_init, name='mlp',
                    **kw)(norm(name='norm2')(x)))
@@ -266,6 +316,7 @@ class Block(nn.Module):
   norm_eps: float = LN_EPS
   split_qkv: bool = True
   weight_init: str = 'mae'  # see WEIGHT_INITS
+  fold_qkv_bias: bool = False  # see Attention
 
   @nn.compact
   def __call__(self, x, deterministic=True):
@@ -303,6 +354,7 @@ class ImageInput(nn.Module):
   # None/'xla', 'cudnn' or 'cudnn_long' (GPU), 'chunked' (see Attention)
   attention_impl: Optional[str] = None
   split_qkv: bool = True  # q, k, v from three matmuls (see Attention)
+  fold_qkv_bias: bool = False  # k's and v's bias adds folded (see Attention)
   weight_init: str = 'mae'  # initialisation of the blocks (WEIGHT_INITS)
   remat: bool = False  # recompute block activations in the backward pass
   # nn.scan over the blocks: one traced block per stack (much faster

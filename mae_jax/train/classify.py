@@ -35,7 +35,8 @@ def build_model(config, num_classes):
       linear_probe=probe, drop_path_rate=0.0 if probe else config.drop_path,
       dtype=jnp.dtype(config.dtype),
       attention_impl=attention_impl(config.attention),
-      split_qkv=config.split_qkv, remat=config.remat,
+      split_qkv=config.split_qkv, fold_qkv_bias=config.fold_qkv_bias,
+      remat=config.remat,
       scan_blocks=config.scan_blocks)
 
 

@@ -41,7 +41,8 @@ def build_model(config):
       num_joints=config.num_joints, drop_path_rate=config.drop_path,
       dtype=jnp.dtype(config.dtype),
       attention_impl=attention_impl(config.attention),
-      split_qkv=config.split_qkv, remat=config.remat,
+      split_qkv=config.split_qkv, fold_qkv_bias=config.fold_qkv_bias,
+      remat=config.remat,
       scan_blocks=config.scan_blocks)
 
 

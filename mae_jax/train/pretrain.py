@@ -32,6 +32,7 @@ def build_model(config):
                       dtype=jnp.dtype(config.dtype),
                       attention_impl=attention_impl(config.attention),
                       split_qkv=config.split_qkv,
+                      fold_qkv_bias=config.fold_qkv_bias,
                       remat=config.remat,
                       fuse_patch_gather=config.fuse_patch_gather,
                       scan_blocks=config.scan_blocks)
