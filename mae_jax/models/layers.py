@@ -178,13 +178,13 @@ class Attention(nn.Module):
 
   fold_qkv_bias (needs split_qkv; the 'chunked' path computes the plain
   form): the same function with two of the three bias adds over every
-  token gone. k's bias adds q . b_k to
-  every score of a query, which softmax cancels, so k is computed without
-  it (its gradient is then exactly zero, where autodiff of the plain form
-  gives rounding noise); each attention output row is a convex combination
-  of v's rows, so v's bias passes through attention unchanged and is folded
-  into the output projection's bias (b_v @ W_proj + b_proj). Same
-  parameters and checkpoints; outputs differ by float rounding.
+  token gone. k's bias adds q . b_k to every score of a query, which
+  softmax cancels, so k is computed without it (its gradient is then
+  exactly zero, where autodiff of the plain form gives rounding noise);
+  each attention output row is a convex combination of v's rows, so v's
+  bias passes through attention unchanged and is folded into the output
+  projection's bias (b_v @ W_proj + b_proj). Same parameters and
+  checkpoints; outputs differ by float rounding.
   """
   num_heads: int
   dtype: Any = jnp.float32
@@ -294,7 +294,8 @@ def _block_body(blk, x, deterministic, rate, stochastic_depth):
 
   x = residual(Attention(blk.num_heads, attention_impl=blk.attention_impl,
                          split_qkv=blk.split_qkv, weight_init=blk.weight_init,
-                         fold_qkv_bias=blk.fold_qkv_bias, name='attn', **kw)(norm(name='norm1')(x)))
+                         fold_qkv_bias=blk.fold_qkv_bias, name='attn',
+                         **kw)(norm(name='norm1')(x)))
   hidden = int(x.shape[-1] * blk.mlp_ratio)
   x = residual(Mlp(hidden, weight_init=blk.weight_init, name='mlp',
                    **kw)(norm(name='norm2')(x)))
