@@ -154,8 +154,8 @@ class JaxStep:
 
   def __init__(self, args, mode, options):
     self.compiled, self.state, self.images, self.compile_s = build_step(
-        args, mode.attention, mode.fuse, options, mode.split, args.remat,
-        mode.fold)
+        args, mode.attention, fuse=mode.fuse, options=options,
+        split=mode.split, remat=args.remat, fold=mode.fold)
     self.chain = args.chain
     cost = self.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -43,19 +43,25 @@ def drop_path_rates(drop_path_rate, depth):
   return np.linspace(0, drop_path_rate, depth)
 
 
+def block_fields(owner):
+  """The Block fields a model `owner` sets for all its blocks: mlp_ratio,
+  attention_impl, split_qkv, fold_qkv_bias, dtype, param_dtype, norm_eps,
+  weight_init."""
+  return dict(mlp_ratio=owner.mlp_ratio, attention_impl=owner.attention_impl,
+              split_qkv=owner.split_qkv, fold_qkv_bias=owner.fold_qkv_bias,
+              dtype=owner.dtype, param_dtype=owner.param_dtype,
+              norm_eps=owner.norm_eps, weight_init=owner.weight_init)
+
+
 def block_stack(owner, name, depth, num_heads, drop_path_rate=0.0,
                 deterministic=True):
   """The blocks of a stack with the settings of the module `owner`
-  (mlp_ratio, attention_impl, split_qkv, fold_qkv_bias, dtype, param_dtype,
-  norm_eps, weight_init, remat, scan_blocks),
+  (`block_fields`, remat, scan_blocks),
   created in its setup or compact method: a list of Blocks named
   `{name}_{i}`, or with scan_blocks one scanned module named `name`
   (`deterministic` fixes its stochastic depth off or on; unrolled blocks
   take it per call)."""
-  kw = dict(mlp_ratio=owner.mlp_ratio, attention_impl=owner.attention_impl,
-            split_qkv=owner.split_qkv, fold_qkv_bias=owner.fold_qkv_bias,
-            dtype=owner.dtype, param_dtype=owner.param_dtype,
-            norm_eps=owner.norm_eps, weight_init=owner.weight_init)
+  kw = block_fields(owner)
   if owner.scan_blocks:
     return scan_block_class(owner.remat, depth)(
         num_heads, drop_path_rate=drop_path_rate, deterministic=deterministic,
@@ -110,15 +116,9 @@ def layer_indices(indices, depth):
 
 
 def plain_block(owner, num_heads):
-  """An unbound, deterministic Block with the compute settings of the
-  module `owner` (mlp_ratio, attention_impl, split_qkv, fold_qkv_bias,
-  dtype, param_dtype, norm_eps)."""
-  return Block(num_heads, mlp_ratio=owner.mlp_ratio,
-               attention_impl=owner.attention_impl,
-               split_qkv=owner.split_qkv, fold_qkv_bias=owner.fold_qkv_bias,
-               dtype=owner.dtype,
-               param_dtype=owner.param_dtype, norm_eps=owner.norm_eps,
-               parent=None)
+  """An unbound, deterministic Block with the settings of the module
+  `owner` (`block_fields`)."""
+  return Block(num_heads, parent=None, **block_fields(owner))
 
 
 def scanned_block_outputs(stack, x, block, depth):

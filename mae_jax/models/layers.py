@@ -1,6 +1,8 @@
-"""Transformer building blocks shared by the MAE and the ViT classifier.
+"""Transformer building blocks shared by the MAE, the ViT classifier and
+ViTPose.
 
-All linear layers: Xavier-uniform weights, zero bias; LayerNorm eps 1e-6
+Linear layers: zero bias, weights Xavier-uniform or, in the blocks, as
+`weight_init` chooses (WEIGHT_INITS); LayerNorm eps 1e-6
 (a model's `norm_eps` field can set another); exact (erf) GELU. `dtype` is
 the compute dtype, `param_dtype` the storage one.
 """
