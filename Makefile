@@ -51,9 +51,8 @@ $(LIBTPU_DIR)/.installed: $(VENV)/.test-installed
 	@mkdir -p $(LIBTPU_DIR) && touch $@
 
 # Two pytest-xdist workers, each taking whole files (a module's fixtures
-# are built once): one process leaves the second core mostly idle (the
-# suite's one process averaged 0.7 of a core). TEST_WORKERS=0 runs the
-# suite in this process.
+# are built once): one process leaves much of a second core idle.
+# TEST_WORKERS=0 runs the suite in this process.
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.test-installed $(LIBTPU_DIR)/.installed
