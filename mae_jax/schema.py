@@ -4,8 +4,9 @@ mae_jax.resume_rules).
 
 Tasks: 'pretrain' (MAE pretraining), 'finetune' and 'linprobe' (classifiers
 of a pretrained encoder), 'pose' (ViTPose, top-down 2D pose; the official
-COCO recipe of Xu et al. 2022, ViTPose_base_coco_256x192.py). `config(task, **values)` is the locked config of a
-task, every field present; configs/*.py build their variants from it.
+COCO recipe of Xu et al. 2022, ViTPose_base_coco_256x192.py).
+`config(task, **values)` is the locked config of a task, every field
+present; configs/*.py build their variants from it.
 `check(config)` runs before anything is compiled. The defaults below are the
 ImageNet recipes of the base model (He et al. 2021, "Masked Autoencoders Are
 Scalable Vision Learners", appendix A.1, Tables 8-10; the official code's
@@ -15,17 +16,19 @@ ViTPose-B COCO configuration).
 Each error is one line naming the field, the bad value and what is allowed.
 """
 import json
-import math
 import numbers
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from mae_jax.config_values import (BOOL, NAME, NON_NEGATIVE, POSITIVE,
+                                  PROBABILITY, at_least, check_image_fields,
+                                  is_name, number)
 from mae_jax.errors import ConfigError
 from mae_jax.images import IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS
 from mae_jax.models import MAE_CONFIGS, POSE_CONFIGS, VIT_CONFIGS
 from mae_jax.models.pose import HEADS
-from mae_jax.models.geometry import image_hw, normalize_img_size
+from mae_jax.models.geometry import normalize_img_size
 
 TASKS = ('pretrain', 'finetune', 'linprobe', 'pose')
 VARIANTS = ('tiny', 'digits', 'base', 'large', 'huge')
@@ -42,7 +45,6 @@ _FIXED_SPLITS = {'embedded': ('the embedded photos', EMBEDDED_SPLITS),
                  'digits': ('the digits', DIGITS_SPLITS)}
 ON_ERROR = ('skip', 'fail')
 KNN_POOLS = ('cls', 'mean')
-CHANNELS = (1, 3)  # image files decode to grayscale or RGB
 # Defaults that differ between the tasks (the base model's recipe of each).
 _TASK_DEFAULTS = {
     'pretrain': dict(model='mae_vit_base_patch16', batch_size=4096,
@@ -63,8 +65,8 @@ _TASK_DEFAULTS = {
     # evaluation every 10 epochs of COCO train2017's 149,813 instances.
     'pose': dict(model='vitpose_base_patch16', batch_size=512, blr=2.5e-4,
                  min_lr=0.0, weight_decay=0.1, epochs=210, warmup_epochs=0,
-                 warmup_steps=500, eval_every_steps=2930, figure_every_steps=0, drop_path=0.3,
-                 layer_decay=0.75),
+                 warmup_steps=500, eval_every_steps=2930,
+                 figure_every_steps=0, drop_path=0.3, layer_decay=0.75),
 }
 _REGISTRIES = {'pretrain': MAE_CONFIGS, 'finetune': VIT_CONFIGS,
                'linprobe': VIT_CONFIGS, 'pose': POSE_CONFIGS}
@@ -147,7 +149,8 @@ def config(task, **values):
   c.data.label_key = 'label'
   if task == 'pose':  # data.name: 'synthetic' (embedded) or 'coco' (data_dir
     # with annotations/person_keypoints_<split>.json and <split>/ images)
-    c.data.name, c.data.split, c.data.eval_split = 'coco', 'train2017', 'val2017'
+    c.data.name = 'coco'
+    c.data.split, c.data.eval_split = 'train2017', 'val2017'
     c.data.image_size = (256, 192)   # the model input (H, W)
     c.data.detections = placeholder(str)  # eval boxes: COCO detection
                                      # results JSON; None: ground truth
@@ -207,118 +210,59 @@ def config(task, **values):
   return c
 
 
-def check_image_fields(image_size, channels, mean, std):
-  """Checks data.image_size (an int or an (H, W) pair), data.channels and
-  the per-channel data.mean / data.std; returns ((H, W), channels, mean,
-  std) with mean / std as tuples of floats. Raises ConfigError naming the
-  first bad field."""
-  try:
-    hw = image_hw(image_size)
-  except ValueError:
-    raise ConfigError(f'config.data.image_size={image_size!r} must be a '
-                      'positive int or an (H, W) pair of them, e.g. '
-                      '--config.data.image_size=(64,48)') from None
-  if channels not in CHANNELS or isinstance(channels, bool):
-    raise ConfigError(f'config.data.channels={channels!r} is not supported: '
-                      'images decode to 1 (grayscale) or 3 (RGB) channels')
-  stats = {}
-  for name, value in (('mean', mean), ('std', std)):
-    values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-    example = ','.join(['0.5'] * channels) + (',' if channels == 1 else '')
-    if (len(values) != channels or not all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool)
-        and math.isfinite(v) for v in values)):
-      raise ConfigError(f'config.data.{name}={value!r} must hold '
-                        f'config.data.channels={channels} finite numbers, one '
-                        f'per channel, e.g. --config.data.{name}='
-                        f'({example})')
-    stats[name] = tuple(float(v) for v in values)
-  if not all(v > 0 for v in stats['std']):
-    raise ConfigError(f'config.data.std={std!r} must be positive')
-  return hw, channels, stats['mean'], stats['std']
-
-
-def _is_bool(v):
-  return isinstance(v, bool)
-
-
-def _number(test, text, none=False):
-  """(predicate, what is allowed) of a real number field (None allowed with
-  `none`)."""
-  def ok(v):
-    if v is None:
-      return none
-    return (isinstance(v, numbers.Real) and not isinstance(v, bool)
-            and math.isfinite(v) and test(v))
-  return ok, text + (' or None' if none else '')
-
-
-def _int(low):
-  return (lambda v: isinstance(v, numbers.Integral)
-          and not isinstance(v, bool) and v >= low), f'must be >= {low}'
-
-
-def _name(v):
-  return isinstance(v, str) and bool(v)
-
-
-_BOOL = (_is_bool, 'must be True or False')
-_NAME = (_name, 'must be a non-empty string')
-_POSITIVE = _number(lambda v: v > 0, 'must be > 0')
-_NON_NEGATIVE = _number(lambda v: v >= 0, 'must be >= 0')
-_PROBABILITY = _number(lambda v: 0 <= v <= 1, 'must lie in [0, 1]')
 # field: (predicate, what is allowed); the choice fields are checked apart.
 _COMMON = {
-    'remat': _BOOL, 'scan_blocks': _BOOL, 'split_qkv': _BOOL,
-    'fold_qkv_bias': _BOOL,
-    'skip_nonfinite': _BOOL,
-    'seed': _int(0), 'batch_size': _int(1), 'accum_iter': _int(1),
-    'blr': _POSITIVE, 'min_lr': _NON_NEGATIVE,
-    'weight_decay': _NON_NEGATIVE, 'epochs': _NON_NEGATIVE,
-    'warmup_epochs': _NON_NEGATIVE, 'total_steps': _int(0),
-    'warmup_steps': _int(0), 'checkpoint_every_steps': _int(1),
-    'keep_checkpoints': _int(1), 'log_every_steps': _int(1),
-    'eval_every_steps': (_int(0)[0], 'must be >= 0 (0: never)'),
-    'figure_every_steps': (_int(0)[0], 'must be >= 0 (0: never)'),
-    'data.name': _NAME, 'data.split': _NAME, 'data.eval_split': _NAME,
-    'data.max_pixels': _int(1), 'data.shuffle_buffer': _int(1),
-    'data.repeats': (lambda v: v is None or _int(1)[0](v),
+    'remat': BOOL, 'scan_blocks': BOOL, 'split_qkv': BOOL,
+    'fold_qkv_bias': BOOL,
+    'skip_nonfinite': BOOL,
+    'seed': at_least(0), 'batch_size': at_least(1), 'accum_iter': at_least(1),
+    'blr': POSITIVE, 'min_lr': NON_NEGATIVE,
+    'weight_decay': NON_NEGATIVE, 'epochs': NON_NEGATIVE,
+    'warmup_epochs': NON_NEGATIVE, 'total_steps': at_least(0),
+    'warmup_steps': at_least(0), 'checkpoint_every_steps': at_least(1),
+    'keep_checkpoints': at_least(1), 'log_every_steps': at_least(1),
+    'eval_every_steps': (at_least(0)[0], 'must be >= 0 (0: never)'),
+    'figure_every_steps': (at_least(0)[0], 'must be >= 0 (0: never)'),
+    'data.name': NAME, 'data.split': NAME, 'data.eval_split': NAME,
+    'data.max_pixels': at_least(1), 'data.shuffle_buffer': at_least(1),
+    'data.repeats': (lambda v: v is None or at_least(1)[0](v),
                      'must be >= 1 or None'),
-    'data.image_key': _NAME, 'data.label_key': _NAME,
+    'data.image_key': NAME, 'data.label_key': NAME,
     'resume_override': (lambda v: isinstance(v, str), 'must be a string'),
 }
 _PRETRAIN = {
-    'mask_ratio': _number(lambda v: 0 < v < 1,
-                          'must lie in the open interval (0, 1)'),
-    'norm_pix_loss': _BOOL, 'fuse_patch_gather': _BOOL,
-    'b1': _number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'),
-    'b2': _number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'),
-    'knn_k': _int(1), 'knn_temperature': _POSITIVE, 'knn_bank_size': _int(1),
+    'mask_ratio': number(lambda v: 0 < v < 1,
+                         'must lie in the open interval (0, 1)'),
+    'norm_pix_loss': BOOL, 'fuse_patch_gather': BOOL,
+    'b1': number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'),
+    'b2': number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'),
+    'knn_k': at_least(1), 'knn_temperature': POSITIVE,
+    'knn_bank_size': at_least(1),
 }
 _DOWNSTREAM = {  # the tasks that start from pretrained weights
-    'eval_only': _BOOL,
-    'init_from': (lambda v: v is None or _name(v),
+    'eval_only': BOOL,
+    'init_from': (lambda v: v is None or is_name(v),
                   'must be a path or None'),
-    'drop_path': _number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'),
-    'layer_decay': _number(lambda v: 0 < v <= 1, 'must lie in (0, 1]'),
-    'clip_grad': _number(lambda v: v > 0, 'must be > 0', none=True),
+    'drop_path': number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'),
+    'layer_decay': number(lambda v: 0 < v <= 1, 'must lie in (0, 1]'),
+    'clip_grad': number(lambda v: v > 0, 'must be > 0', none=True),
 }
 _CLASSIFIER = dict(
-    _DOWNSTREAM, global_pool=_BOOL,
-    num_classes=(_int(0)[0], 'must be >= 0 (0: taken from the dataset)'),
-    mixup=_NON_NEGATIVE, cutmix=_NON_NEGATIVE, mixup_prob=_PROBABILITY,
-    mixup_switch_prob=_PROBABILITY,
-    smoothing=_number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'))
+    _DOWNSTREAM, global_pool=BOOL,
+    num_classes=(at_least(0)[0], 'must be >= 0 (0: taken from the dataset)'),
+    mixup=NON_NEGATIVE, cutmix=NON_NEGATIVE, mixup_prob=PROBABILITY,
+    mixup_switch_prob=PROBABILITY,
+    smoothing=number(lambda v: 0 <= v < 1, 'must lie in [0, 1)'))
 _POSE = dict(
-    _DOWNSTREAM, flip_test=_BOOL, num_joints=_int(1), sigma=_POSITIVE,
-    layer_decay_depth=_int(1),
-    lr_decay_factor=_number(lambda v: 0 < v <= 1, 'must lie in (0, 1]'),
-    warmup_ratio=_PROBABILITY, **{
-        'data.det_score_threshold': _NON_NEGATIVE,
-        'data.flip_prob': _PROBABILITY, 'data.half_body_prob': _PROBABILITY,
-        'data.half_body_joints': _int(1), 'data.scale_factor': _NON_NEGATIVE,
-        'data.rot_factor': _NON_NEGATIVE,
-        'data.detections': (lambda v: v is None or _name(v),
+    _DOWNSTREAM, flip_test=BOOL, num_joints=at_least(1), sigma=POSITIVE,
+    layer_decay_depth=at_least(1),
+    lr_decay_factor=number(lambda v: 0 < v <= 1, 'must lie in (0, 1]'),
+    warmup_ratio=PROBABILITY, **{
+        'data.det_score_threshold': NON_NEGATIVE,
+        'data.flip_prob': PROBABILITY, 'data.half_body_prob': PROBABILITY,
+        'data.half_body_joints': at_least(1), 'data.scale_factor': NON_NEGATIVE,
+        'data.rot_factor': NON_NEGATIVE,
+        'data.detections': (lambda v: v is None or is_name(v),
                             'must be a path or None')})
 _RULES = {'pretrain': _PRETRAIN, 'finetune': _CLASSIFIER,
           'linprobe': _CLASSIFIER, 'pose': _POSE}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import finetune, linprobe, pose, pretrain
-from mae_jax import resume_rules, schema
+from mae_jax import config_values, resume_rules, schema
 from mae_jax.errors import ConfigError
 
 MODULES = {'pretrain': pretrain, 'finetune': finetune, 'linprobe': linprobe,
@@ -178,12 +178,12 @@ def test_not_trajectory_names_fields_of_the_tasks():
 
 
 def test_image_fields_are_checked_and_normalised():
-  assert schema.check_image_fields([64, 48], 1, 0.5, [0.25]) == (
+  assert config_values.check_image_fields([64, 48], 1, 0.5, [0.25]) == (
       (64, 48), 1, (0.5,), (0.25,))
   with pytest.raises(ConfigError, match=re.escape(
       'config.data.mean=(0.5,) must hold config.data.channels=3 finite '
       'numbers, one per channel, e.g. --config.data.mean=(0.5,0.5,0.5)')):
-    schema.check_image_fields(64, 3, (0.5,), (1.0, 1.0, 1.0))
+    config_values.check_image_fields(64, 3, (0.5,), (1.0, 1.0, 1.0))
 
 
 def test_no_defaults_in_the_input_pipeline():

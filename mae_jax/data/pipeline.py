@@ -44,7 +44,7 @@ import tensorflow as tf
 
 from mae_jax.data import augment, records, sources
 from mae_jax.errors import ConfigError
-from mae_jax.schema import check_image_fields
+from mae_jax.config_values import check_image_fields
 _SHUFFLE_INDEX = -1  # example_key index reserved for the epoch's shuffle
 _AUTOTUNE = tf.data.AUTOTUNE
 

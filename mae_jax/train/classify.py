@@ -21,7 +21,7 @@ from mae_jax.errors import ConfigError
 from mae_jax.models import VisionTransformer, create_model
 from mae_jax.train import loop, optim, sharding
 from mae_jax.train.mixup import mix_batch, smooth_one_hot, soft_cross_entropy
-from mae_jax.train.task import Task, attention_impl
+from mae_jax.train.task import Task, compute_fields
 
 WHOLE = 'the whole classifier'
 
@@ -33,11 +33,7 @@ def build_model(config, num_classes):
       config.model, num_classes=num_classes, img_size=config.data.image_size,
       in_chans=config.data.channels, global_pool=config.global_pool,
       linear_probe=probe, drop_path_rate=0.0 if probe else config.drop_path,
-      dtype=jnp.dtype(config.dtype),
-      attention_impl=attention_impl(config.attention),
-      split_qkv=config.split_qkv, fold_qkv_bias=config.fold_qkv_bias,
-      remat=config.remat,
-      scan_blocks=config.scan_blocks)
+      **compute_fields(config))
 
 
 def load_pretrained(init_from, model, rng):

@@ -29,7 +29,7 @@ from mae_jax.pose import estimate, figure as pose_figure, metrics, topdown
 from mae_jax.pose.keypoints import FLIP_PAIRS, NUM_KEYPOINTS
 from mae_jax.pose.targets import joints_mse_loss
 from mae_jax.train import loop, optim, sharding
-from mae_jax.train.task import Task, attention_impl
+from mae_jax.train.task import Task, compute_fields
 
 FIGURE_PERSONS = 8  # the figure shows the first image among these boxes
 
@@ -39,11 +39,7 @@ def build_model(config):
   return create_model(
       config.model, img_size=config.data.image_size, head=config.head,
       num_joints=config.num_joints, drop_path_rate=config.drop_path,
-      dtype=jnp.dtype(config.dtype),
-      attention_impl=attention_impl(config.attention),
-      split_qkv=config.split_qkv, fold_qkv_bias=config.fold_qkv_bias,
-      remat=config.remat,
-      scan_blocks=config.scan_blocks)
+      **compute_fields(config))
 
 
 def load_pretrained(init_from, model, rng):

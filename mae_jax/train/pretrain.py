@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from mae_jax import paths, schema
 from mae_jax.models import create_model
 from mae_jax.train import knn, loop, optim, sharding
-from mae_jax.train.task import Task, attention_impl
+from mae_jax.train.task import Task, compute_fields
 
 FIGURE_ROWS = 8  # images per reconstruction figure
 
@@ -29,13 +29,8 @@ def build_model(config):
   return create_model(config.model, img_size=config.data.image_size,
                       in_chans=config.data.channels,
                       norm_pix_loss=config.norm_pix_loss,
-                      dtype=jnp.dtype(config.dtype),
-                      attention_impl=attention_impl(config.attention),
-                      split_qkv=config.split_qkv,
-                      fold_qkv_bias=config.fold_qkv_bias,
-                      remat=config.remat,
                       fuse_patch_gather=config.fuse_patch_gather,
-                      scan_blocks=config.scan_blocks)
+                      **compute_fields(config))
 
 
 def mask_noise(seed, step, micro, micro_batch, accum_iter, length):

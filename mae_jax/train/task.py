@@ -34,6 +34,16 @@ def attention_impl(name, backend=None):
   return 'chunked' if (backend or jax.default_backend()) == 'cpu' else None
 
 
+def compute_fields(config):
+  """The model fields a config sets that choose how the model is computed
+  (the same function up to float rounding): dtype, attention_impl,
+  split_qkv, fold_qkv_bias, remat, scan_blocks."""
+  return dict(dtype=jnp.dtype(config.dtype),
+              attention_impl=attention_impl(config.attention),
+              split_qkv=config.split_qkv, fold_qkv_bias=config.fold_qkv_bias,
+              remat=config.remat, scan_blocks=config.scan_blocks)
+
+
 def schedule_for(config, steps_per_epoch):
   """(lr schedule over updates, total updates) of a config.
 
