@@ -279,7 +279,7 @@ def parse_args(argv=None):
   parser.add_argument('--scan', action='store_true')
   parser.add_argument('--unpinned', action='store_true',
                       help='compile the update without batch-sharded '
-                      'activations (mae_jax.models.layers.batch_sharded), '
+                      'activations (mae_jax.models.blocks.batch_sharded), '
                       'to compare')
   parser.add_argument('--out', required=True)
   return parser.parse_args(argv)

@@ -19,8 +19,9 @@ import gzip
 import json
 import re
 
+ATTENTION = 'attention (cuDNN fused)'
 # First match wins: a fusion holding a dot is a matmul whatever else it does.
-KINDS = (('attention (cuDNN fused)', ('__cudnn$fmha',)),
+KINDS = ((ATTENTION, ('__cudnn$fmha',)),
          ('matmul', ('dot(', 'convolution(', '__cublas$')),
          ('gelu (erf)', ('erf(',)),
          ('exp (softmax, GELU backward)', ('exponential(',)),
@@ -109,7 +110,7 @@ def table(counter, key, width):
 
 # Kinds of device kernels the HLO does not name (first match on the kernel
 # name wins).
-KERNEL_KINDS = (('attention (cuDNN fused)', r'fmha|flash|cudnn'),
+KERNEL_KINDS = ((ATTENTION, r'fmha|flash|cudnn'),
                 ('matmul', r'gemm|nvjet|xmma|cutlass|wgmma'),
                 ('copy / transpose', r'memcpy|memset|copy|transpose'),
                 ('other', r''))
@@ -155,16 +156,41 @@ def kernel_kind(name):
                                                             re.I))
 
 
+def duration_groups(launches, steps, gap=1.25):
+  """Launches [(kernel name, µs)] grouped by name and duration: each
+  name's durations, sorted, split where one exceeds the one before by more
+  than `gap` times, so the same kernel on differently shaped work (the
+  encoder's and the decoder's attention) falls in separate groups.
+  [{'kernel', 'launches_per_step', 'median_us', 'ms_per_step'}], largest
+  total first."""
+  by_name = collections.defaultdict(list)
+  for name, us in launches:
+    by_name[name].append(us)
+  groups = []
+  for name, durations in by_name.items():
+    durations.sort()
+    start = 0
+    for i in range(1, len(durations) + 1):
+      if i == len(durations) or durations[i] > gap * durations[i - 1]:
+        part = durations[start:i]
+        groups.append({'kernel': name[:90],
+                       'launches_per_step': len(part) / steps,
+                       'median_us': part[len(part) // 2],
+                       'ms_per_step': sum(part) / 1e3 / steps})
+        start = i
+  return sorted(groups, key=lambda g: -g['ms_per_step'])
+
+
 def summarize(events, hlo_text, steps, on_device, title):
   """Prints and returns the tables of `steps` traced steps: {'op_ms_per_step',
   'device_busy_share', 'kernels_per_step', 'kinds', 'sources',
-  'kinds_and_sources', 'kernels'}."""
+  'kinds_and_sources', 'kernels', 'attention_groups'}."""
   kinds, sources = hlo_kinds(hlo_text), hlo_sources(hlo_text)
   by_kernel_name = {re.sub(r'[.\-]', '_', name): name for name in kinds}
   per_kind, per_source = collections.Counter(), collections.Counter()
   per_work = collections.Counter()
   per_kernel, launches = collections.Counter(), collections.Counter()
-  counted = []
+  counted, attention = [], []
   for e in events:
     name = e.get('name', '')
     op = e.get('args', {}).get('hlo_op', name)
@@ -181,6 +207,8 @@ def summarize(events, hlo_text, steps, on_device, title):
     per_work[f'{kind} | {source}'] += ms
     per_kernel[(name[:90], kind)] += ms
     launches[(name[:90], kind)] += 1 / steps
+    if kind == ATTENTION:
+      attention.append((name, e.get('dur', 0)))
   total = sum(per_kind.values())
   busy = busy_share(counted)
   print(f'{title}: {total:.1f} ms of op time per step '
@@ -203,6 +231,13 @@ def summarize(events, hlo_text, steps, on_device, title):
                               'launches_per_step': launches[(kernel, kind)]})
     print(f'  {ms:8.2f} ms {100 * ms / total:5.1f}%  x'
           f'{launches[(kernel, kind)]:<5.0f} {kind:14.14s} {kernel}')
+  result['attention_groups'] = duration_groups(attention, steps)
+  if attention:
+    print('  attention kernels by name and duration (ms per step, launches '
+          'per step, median µs per launch):')
+  for g in result['attention_groups']:
+    print(f"  {g['ms_per_step']:8.2f} ms  x{g['launches_per_step']:<5.0f} "
+          f"{g['median_us']:8.1f} µs  {g['kernel']}")
   return result
 
 

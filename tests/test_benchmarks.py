@@ -1,4 +1,5 @@
 """The throughput and profile scripts run end to end on the tiny model."""
+import collections
 import json
 import os
 import subprocess
@@ -47,6 +48,35 @@ def test_throughput_times_modes_and_peer_side_by_side(tmp_path):
   ratio = peer['ratio_vs_torch']['chunked']
   assert abs(ratio - modes[4]['img_per_s'] / peer['img_per_s']) < 1e-9
   assert 'mae_jax (chunked attention) / torch' in printed
+  # The fastest mode, as arguments for the next run (gpu_accept.sh).
+  best = max(modes, key=lambda r: r['img_per_s'])
+  chosen = _run('fastest_mode.py', str(out), '--batch', '4').split()
+  assert chosen == ['--fold-qkv-bias', 'on' if best['fold_qkv_bias'] else
+                    'off', '--xla-options', 'base']
+
+
+def test_fastest_mode_names_the_fold_and_xla_options_of_the_best_record():
+  from benchmarks import fastest_mode
+  from benchmarks.pretrain_throughput import parse_options
+  options = {'xla_gpu_enable_cublaslt': True, 'xla_gpu_autotune_level': 4}
+  records = [
+      {'batch': 1024, 'mode': 'cudnn', 'fold_qkv_bias': False,
+       'xla_options': {}, 'img_per_s': 3200.0},
+      {'batch': 1024, 'mode': 'cudnn folded-bias lt', 'fold_qkv_bias': True,
+       'xla_options': options, 'img_per_s': 3300.0},
+      {'batch': 1024, 'mode': 'cudnn lt', 'fold_qkv_bias': False,
+       'xla_options': options, 'error': 'out of memory'},
+      {'batch': 512, 'mode': 'cudnn', 'fold_qkv_bias': False,
+       'xla_options': {}, 'img_per_s': 9000.0},
+      {'framework': 'torch', 'peer': 'compile', 'batch': 1024,
+       'img_per_s': 9000.0}]
+  lines = [json.dumps(r) + '\n' for r in records] + ['\n']
+  args = fastest_mode.as_arguments(fastest_mode.fastest(lines, 1024))
+  assert args[:3] == ['--fold-qkv-bias', 'on', '--xla-options']
+  assert parse_options(args[3]) == [('lt', options)]
+  assert fastest_mode.fastest(lines, 256) is None
+  assert fastest_mode.as_arguments(fastest_mode.DEFAULT) == [
+      '--fold-qkv-bias', 'off', '--xla-options', 'base']
 
 
 def test_profile_classifies_the_step(tmp_path):
@@ -90,5 +120,13 @@ def test_gpu_kernel_tables_rebuild_from_the_kept_trace_and_hlo(tmp_path,
                  cwd=tmp_path, capture_output=True, text=True, check=True)
   with open(os.path.join(gpu, f'tables_large_b{batch}.json')) as f:
     assert json.loads(out.read_text()) == json.load(f)
-  sources = {row['source'] for row in json.loads(out.read_text())['sources']}
+  tables = json.loads(out.read_text())
+  sources = {row['source'] for row in tables['sources']}
   assert 'LayerNorm, backward' in sources and 'unattributed' not in sources
+  # The attention kernels fall into the encoder's 24 launches per step and
+  # the decoder's 8, and the decoder's 8 take longer (docs/BENCHMARKS.md).
+  per_layers = collections.Counter()
+  for group in tables['attention_groups']:
+    per_layers[round(group['launches_per_step'])] += group['ms_per_step']
+  assert set(per_layers) == {8, 24}
+  assert per_layers[8] > per_layers[24]

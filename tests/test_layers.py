@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from mae_jax.models import layers
+from mae_jax.models import blocks, layers
 
 
 def _x(shape, seed=0):
@@ -46,7 +46,7 @@ def test_mlp_uses_exact_gelu():
 
 def test_layernorm_eps_and_init_distributions():
   x = _x((2, 5, 64))
-  blk = layers.Block(num_heads=4)
+  blk = blocks.Block(num_heads=4)
   params = blk.init(jax.random.key(0), x)['params']
   assert blk.apply({'params': params}, x).shape == x.shape
   np.testing.assert_array_equal(params['norm1']['scale'], 1.0)
@@ -75,7 +75,7 @@ def test_patch_embed_is_strided_conv_with_linear_xavier_init():
 
 def test_drop_path_only_in_training():
   x = _x((16, 3, 8))
-  blk = layers.Block(num_heads=2, drop_path_rate=0.5)
+  blk = blocks.Block(num_heads=2, drop_path_rate=0.5)
   params = blk.init(jax.random.key(0), x)
   det = blk.apply(params, x, deterministic=True)
   np.testing.assert_array_equal(det, blk.apply(params, x))

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from mae_jax import checkpoint, convert
 from mae_jax.train import optim, sharding
-from mae_jax.models import (blocks, create_model, layers, stack_blocks,
+from mae_jax.models import (blocks, create_model, stack_blocks,
                             to_layout, unstack_blocks)
 from mae_jax.torch_io import read_state_dict
 from tests import torch_mae
@@ -115,7 +115,7 @@ def test_remat_traces_in_both_layouts(name):
 def test_scan_init_draws_a_fresh_xavier_kernel_per_block():
   stack = blocks.scan_block_class(False, 3)(num_heads=2)
   x = jnp.zeros((1, 2, 8))
-  params = jax.jit(stack.init)(jax.random.key(5), x, jnp.zeros(3))['params']
+  params = jax.jit(stack.init)(jax.random.key(5), x, jnp.zeros(3), None)['params']
   kernel = np.asarray(params['attn']['qkv']['kernel'])
   assert kernel.shape == (3, 8, 24)
   limit = np.sqrt(6.0 / (8 + 24))  # fan of one block, not of the stack
@@ -132,13 +132,13 @@ def test_vit_scan_deterministic_equal_and_drop_path_rate_per_block(
   imgs = _imgs()
   params = _random_params(model)
   seen = []
-  real = layers.drop_path
+  real = blocks.drop_path
 
   def recording(x, rate, rng):
     jax.debug.callback(lambda r: seen.append(float(r)), rate)
     return real(x, rate, rng)
 
-  monkeypatch.setattr(layers, 'drop_path', recording)
+  monkeypatch.setattr(blocks, 'drop_path', recording)
 
   @jax.jit
   def run(p, key):

@@ -193,7 +193,7 @@ def test_fsdp_update_gathers_weights_not_the_batch_activations():
 
 
 def test_batch_sharded_is_the_identity_outside_a_mesh_context():
-  from mae_jax.models.layers import batch_sharded
+  from mae_jax.models.blocks import batch_sharded
   x = jnp.ones((3, 4))
   assert batch_sharded(x) is x
   mesh = sharding.make_mesh((2, 4))

@@ -1,5 +1,6 @@
-"""Stacks of transformer blocks, unrolled or scanned: the MAE's encoder and
-decoder and the ViT classifier build and run their blocks here.
+"""The pre-norm transformer block, and stacks of them, unrolled or scanned:
+the MAE's encoder and decoder, the ViT classifier and ViTPose build and run
+their blocks here.
 
 Unrolled, a stack `name` of depth D is the Blocks `{name}_0` ... `{name}_{D-1}`.
 With scan_blocks it is one nn.scan module `name` whose parameters are those
@@ -8,14 +9,104 @@ converts between the two layouts): one traced block per stack, so deep
 models compile much faster. Stochastic-depth rates rise linearly over the
 blocks from 0 to the stack's `drop_path_rate` in both layouts.
 """
+import functools
 import numbers
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax.models.layers import Block, ScanBlock
+from mae_jax.models.layers import LN_EPS, Attention, Mlp, pads_odd_tokens
+
+
+def drop_path(x, rate, rng):
+  """Stochastic depth: zeroes whole samples with probability `rate`, rescales
+  the rest by 1 / (1 - rate). x: (N, ...)."""
+  keep = 1.0 - rate
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  mask = jax.random.bernoulli(rng, keep, shape)
+  # keep may be a traced float32 rate (scanned blocks): stay in x's dtype.
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+def batch_sharded(x):
+  """`x` with its leading (batch) axis split over every axis of the mesh in
+  context (`jax.sharding.use_abstract_mesh`), as the training step splits
+  its batches; `x` itself outside a mesh context. Pinning the activations there makes XLA
+  gather FSDP-sharded weights for each matrix product instead of gathering
+  the whole batch's activations (docs/TPU.md, "FSDP")."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or x.shape[0] % mesh.size:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, jax.sharding.PartitionSpec(mesh.axis_names))
+
+
+def _block_body(blk, x, deterministic, rate, stochastic_depth, lengths):
+  """The computation of Block / ScanBlock; submodules belong to `blk`."""
+  x = batch_sharded(x)
+  kw = dict(dtype=blk.dtype, param_dtype=blk.param_dtype)
+  norm = functools.partial(nn.LayerNorm, epsilon=blk.norm_eps, **kw)
+
+  def residual(branch):
+    if stochastic_depth and not deterministic:
+      branch = drop_path(branch, rate, blk.make_rng('dropout'))
+    return x + branch
+
+  x = residual(Attention(blk.num_heads, attention_impl=blk.attention_impl,
+                         split_qkv=blk.split_qkv, weight_init=blk.weight_init,
+                         fold_qkv_bias=blk.fold_qkv_bias,
+                         pad_odd=blk.pad_odd, name='attn',
+                         **kw)(norm(name='norm1')(x), lengths))
+  hidden = int(x.shape[-1] * blk.mlp_ratio)
+  x = residual(Mlp(hidden, weight_init=blk.weight_init, name='mlp',
+                   **kw)(norm(name='norm2')(x)))
+  return batch_sharded(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)).
+
+  `drop_path_rate` > 0 applies stochastic depth to both branches when
+  `deterministic` is False, drawing from the 'dropout' RNG stream.
+  `lengths` (N,) int32: x carries padding rows beyond them (see Attention).
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention_impl: Any = None
+  norm_eps: float = LN_EPS
+  split_qkv: bool = True
+  weight_init: str = 'mae'  # see layers.WEIGHT_INITS
+  fold_qkv_bias: bool = False  # see Attention
+  pad_odd: Optional[bool] = None  # see Attention and pads_odd_tokens
+
+  @nn.compact
+  def __call__(self, x, deterministic=True, lengths=None):
+    return _block_body(self, x, deterministic, self.drop_path_rate,
+                       self.drop_path_rate > 0, lengths)
+
+
+class ScanBlock(Block):
+  """Block as the body of nn.scan: (x, rate, lengths) -> (x, None).
+
+  `rate` is this block's stochastic-depth rate, a scanned input, so every
+  block of a stack gets its own; the field `drop_path_rate` only switches
+  stochastic depth on (> 0). `deterministic` is a field, not an argument,
+  because nn.scan passes only arrays through the loop. Parameters and
+  submodule names are those of Block.
+  """
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, rate,  # pylint: disable=arguments-renamed
+               lengths=None):
+    return _block_body(self, x, self.deterministic, rate,
+                       self.drop_path_rate > 0, lengths), None
 
 
 def block_class(remat):
@@ -29,13 +120,14 @@ def scan_block_class(remat, length):
 
   Parameters are stacked on a leading layer axis ('params': 0) and every
   block draws its own 'params' and 'dropout' keys. Instances are called as
-  (x, rates) -> (x, None) with rates a (length,) float array of per-block
-  stochastic-depth rates.
+  (x, rates, lengths) -> (x, None) with rates a (length,) float array of
+  per-block stochastic-depth rates and lengths None or the (N,) real token
+  counts of a padded x, the same for every block.
   """
   body = nn.remat(ScanBlock, prevent_cse=False) if remat else ScanBlock
   return nn.scan(body, variable_axes={'params': 0},
                  split_rngs={'params': True, 'dropout': True},
-                 in_axes=0, length=length)
+                 in_axes=(0, nn.broadcast), length=length)
 
 
 def drop_path_rates(drop_path_rate, depth):
@@ -74,14 +166,28 @@ def block_stack(owner, name, depth, num_heads, drop_path_rate=0.0,
 
 def run_stack(blocks, x, depth, deterministic=True):
   """x through a `block_stack` of `depth` blocks, with stochastic depth
-  unless deterministic (a scanned stack: as fixed when it was built)."""
-  if isinstance(blocks, (list, tuple)):
+  unless deterministic (a scanned stack: as fixed when it was built).
+
+  Where attention needs an even token count (`pads_odd_tokens`: cuDNN's
+  kernel and an odd T, e.g. the 197 tokens of the decoder at 224 px), x is
+  padded by one token here, once for the stack, and every block masks it
+  as a key; it is dropped after the last block. The blocks' values and
+  gradients are those of the unpadded tokens (the pad row's gradient is
+  zero), without a pad and a slice around each block's attention."""
+  unrolled = isinstance(blocks, (list, tuple))
+  first = blocks[0] if unrolled else blocks
+  n, t = x.shape[:2]
+  lengths = None
+  if pads_odd_tokens(first.attention_impl, t, first.pad_odd):
+    lengths = jnp.full((n,), t, jnp.int32)
+    x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+  if unrolled:
     for blk in blocks:  # deterministic positional: static under remat
-      x = blk(x, deterministic)
-    return x
-  rates = drop_path_rates(blocks.drop_path_rate, depth)
-  x, _ = blocks(x, jnp.asarray(rates, jnp.float32))
-  return x
+      x = blk(x, deterministic, lengths)
+  else:
+    rates = drop_path_rates(blocks.drop_path_rate, depth)
+    x, _ = blocks(x, jnp.asarray(rates, jnp.float32), lengths)
+  return x if lengths is None else x[:, :t]
 
 
 def run_stack_keeping(blocks, x, depth, wanted, plain):
@@ -131,7 +237,7 @@ def scanned_block_outputs(stack, x, block, depth):
   outputs[i] the output of block i.
   """
   if stack.is_initializing():  # creates the stacked params
-    stack(x, jnp.zeros((depth,), jnp.float32))
+    stack(x, jnp.zeros((depth,), jnp.float32), None)
 
   def body(h, params):
     h = block.apply({'params': params}, h)

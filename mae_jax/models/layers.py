@@ -154,6 +154,18 @@ class OutProj(nn.Module):
     return y.reshape(x.shape)
 
 
+def pads_odd_tokens(attention_impl, t, pad_odd=None):
+  """Whether attention over t tokens runs on t + 1, the last a key that
+  every query ignores: for an odd t where cuDNN's fused kernel runs (it
+  refuses odd lengths when training), or as `pad_odd` says; never for
+  'chunked'."""
+  if attention_impl == 'chunked' or not t % 2:
+    return False
+  if pad_odd is not None:
+    return pad_odd
+  return implementation_for(attention_impl, t) == 'cudnn'
+
+
 def implementation_for(attention_impl, t):
   """The jax.nn.dot_product_attention implementation for a sequence of t
   tokens: 'cudnn_long' is cuDNN's fused kernel from 128 tokens on and XLA's
@@ -174,9 +186,15 @@ class Attention(nn.Module):
   faster on CPUs). split_qkv: q, k and v from three matmuls (QKV) rather
   than slices of one (same parameters). cuDNN's fused kernel refuses an odd
   T when training (197 tokens for 224 px / 16, 65 for the huge encoder), so
-  there (or with pad_odd=True) the tokens are padded by one that the
-  seq-length mask hides from every query, and the padded row is dropped
-  after the output projection.
+  there (or with pad_odd=True, see `pads_odd_tokens`) the tokens are padded
+  by one, a key the seq-length mask hides from every query, and the padded
+  row is dropped after the output projection. The padded row is itself a
+  query over the real keys, so its output is defined (a fused kernel may
+  leave a masked query's row unwritten), and its gradient is zero.
+
+  `lengths` (N,) int32, given by a stack that padded its input once
+  (mae_jax.models.blocks.run_stack): x carries padding rows beyond
+  `lengths`, which are masked as keys and kept in the output.
 
   fold_qkv_bias (needs split_qkv; the 'chunked' path computes the plain
   form): the same function with two of the three bias adds over every
@@ -198,10 +216,11 @@ class Attention(nn.Module):
   fold_qkv_bias: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, lengths=None):
     n, t, d = x.shape
     if d % self.num_heads:
-      raise ValueError(f'width {d} is not divisible by num_heads={self.num_heads}')
+      raise ValueError(f'width {d} is not divisible by '
+                       f'num_heads={self.num_heads}')
     head_dim = d // self.num_heads
     dense = functools.partial(Dense, dtype=self.dtype,
                               param_dtype=self.param_dtype,
@@ -209,6 +228,8 @@ class Attention(nn.Module):
     if self.fold_qkv_bias and not self.split_qkv:
       raise ValueError('fold_qkv_bias needs split_qkv=True')
     if self.attention_impl == 'chunked':
+      if lengths is not None:
+        raise ValueError("attention_impl='chunked' takes no lengths")
       qkv = dense_2d(dense(3 * d, name='qkv'), x)
       q, k, v = qkv.reshape(n, t, 3, self.num_heads, head_dim).transpose(
           2, 0, 3, 1, 4).reshape(3, n * self.num_heads, t, head_dim)
@@ -216,10 +237,12 @@ class Attention(nn.Module):
       out = out.reshape(n, self.num_heads, t, head_dim).transpose(0, 2, 1, 3)
       return dense_2d(dense(d, name='proj'), out.reshape(n, t, d))
     implementation = implementation_for(self.attention_impl, t)
-    pad = t % 2 and (implementation == 'cudnn' if self.pad_odd is None
-                     else self.pad_odd)
+    pad = lengths is None and pads_odd_tokens(self.attention_impl, t,
+                                              self.pad_odd)
     if pad:
       x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+      lengths = jnp.full((n,), t, jnp.int32)
+    rows = x.shape[1]
     if self.split_qkv:
       q, k, v, *v_bias = QKV(self.num_heads, dtype=self.dtype,
                              param_dtype=self.param_dtype,
@@ -227,13 +250,12 @@ class Attention(nn.Module):
                              fold_bias=self.fold_qkv_bias, name='qkv')(x)
     else:
       qkv = dense_2d(dense(3 * d, name='qkv'), x).reshape(
-          n, t + pad, 3, self.num_heads, head_dim)
+          n, rows, 3, self.num_heads, head_dim)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (N, T, H, hd)
-    lengths = jnp.full((n,), t, jnp.int32) if pad else None
     out = jax.nn.dot_product_attention(
-        q, k, v, scale=head_dim ** -0.5, query_seq_lengths=lengths,
-        key_value_seq_lengths=lengths, implementation=implementation)
-    out = out.reshape(n, t + pad, d)
+        q, k, v, scale=head_dim ** -0.5, key_value_seq_lengths=lengths,
+        implementation=implementation)
+    out = out.reshape(n, rows, d)
     if self.fold_qkv_bias:
       out = OutProj(self.weight_init, dtype=self.dtype,
                     param_dtype=self.param_dtype, name='proj')(out, *v_bias)
@@ -258,90 +280,6 @@ class Mlp(nn.Module):
     x = dense_2d(dense(self.hidden_dim, name='fc1'), x)
     x = gelu(x)
     return dense_2d(dense(width, name='fc2'), x)
-
-
-def drop_path(x, rate, rng):
-  """Stochastic depth: zeroes whole samples with probability `rate`, rescales
-  the rest by 1 / (1 - rate). x: (N, ...)."""
-  keep = 1.0 - rate
-  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-  mask = jax.random.bernoulli(rng, keep, shape)
-  # keep may be a traced float32 rate (scanned blocks): stay in x's dtype.
-  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
-
-
-def batch_sharded(x):
-  """`x` with its leading (batch) axis split over every axis of the mesh in
-  context (`jax.sharding.use_abstract_mesh`), as the training step splits its batches; `x`
-  itself outside a mesh context. Pinning the activations there makes XLA
-  gather FSDP-sharded weights for each matrix product instead of gathering
-  the whole batch's activations (docs/TPU.md, "FSDP")."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or x.shape[0] % mesh.size:
-    return x
-  return jax.lax.with_sharding_constraint(
-      x, jax.sharding.PartitionSpec(mesh.axis_names))
-
-
-def _block_body(blk, x, deterministic, rate, stochastic_depth):
-  """The computation of Block / ScanBlock; submodules belong to `blk`."""
-  x = batch_sharded(x)
-  kw = dict(dtype=blk.dtype, param_dtype=blk.param_dtype)
-  norm = functools.partial(nn.LayerNorm, epsilon=blk.norm_eps, **kw)
-
-  def residual(branch):
-    if stochastic_depth and not deterministic:
-      branch = drop_path(branch, rate, blk.make_rng('dropout'))
-    return x + branch
-
-  x = residual(Attention(blk.num_heads, attention_impl=blk.attention_impl,
-                         split_qkv=blk.split_qkv, weight_init=blk.weight_init,
-                         fold_qkv_bias=blk.fold_qkv_bias, name='attn',
-                         **kw)(norm(name='norm1')(x)))
-  hidden = int(x.shape[-1] * blk.mlp_ratio)
-  x = residual(Mlp(hidden, weight_init=blk.weight_init, name='mlp',
-                   **kw)(norm(name='norm2')(x)))
-  return batch_sharded(x)
-
-
-class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)).
-
-  `drop_path_rate` > 0 applies stochastic depth to both branches when
-  `deterministic` is False, drawing from the 'dropout' RNG stream.
-  """
-  num_heads: int
-  mlp_ratio: float = 4.0
-  drop_path_rate: float = 0.0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  attention_impl: Any = None
-  norm_eps: float = LN_EPS
-  split_qkv: bool = True
-  weight_init: str = 'mae'  # see WEIGHT_INITS
-  fold_qkv_bias: bool = False  # see Attention
-
-  @nn.compact
-  def __call__(self, x, deterministic=True):
-    return _block_body(self, x, deterministic, self.drop_path_rate,
-                       self.drop_path_rate > 0)
-
-
-class ScanBlock(Block):
-  """Block as the body of nn.scan: (x, rate) -> (x, None).
-
-  `rate` is this block's stochastic-depth rate, a scanned input, so every
-  block of a stack gets its own; the field `drop_path_rate` only switches
-  stochastic depth on (> 0). `deterministic` is a field, not an argument,
-  because nn.scan passes only arrays through the loop. Parameters and
-  submodule names are those of Block.
-  """
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(self, x, rate):  # pylint: disable=arguments-renamed
-    return _block_body(self, x, self.deterministic, rate,
-                       self.drop_path_rate > 0), None
 
 
 class ImageInput(nn.Module):

@@ -224,7 +224,7 @@ class Task:
 
   def _update_in_mesh(self, state, batch, step):
     """`_update` traced with the task's mesh in context, so that the model
-    keeps activations batch-sharded (mae_jax.models.layers.batch_sharded)."""
+    keeps activations batch-sharded (mae_jax.models.blocks.batch_sharded)."""
     with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
       return self._update(state, batch, step)
 
