@@ -80,3 +80,9 @@ def test_a_stack_pads_odd_tokens_once_not_around_every_block():
   assert len(once) == 4
   assert len(_token_copies(DEPTH, pad_odd=True)) == len(once)
 
+
+def test_a_stack_of_no_blocks_returns_its_input():
+  x = _x(7)
+  module = Stack(True, depth=0)
+  np.testing.assert_array_equal(module.apply(module.init(jax.random.key(1),
+                                                         x), x), x)

@@ -175,6 +175,8 @@ def run_stack(blocks, x, depth, deterministic=True):
   gradients are those of the unpadded tokens (the pad row's gradient is
   zero), without a pad and a slice around each block's attention."""
   unrolled = isinstance(blocks, (list, tuple))
+  if unrolled and not blocks:  # depth 0
+    return x
   first = blocks[0] if unrolled else blocks
   n, t = x.shape[:2]
   lengths = None
