@@ -16,7 +16,7 @@ import json
 import shlex
 import sys
 
-DEFAULT = {'fold_qkv_bias': False, 'xla_options': {}, 'mode': 'cudnn'}
+DEFAULT = {'fold_qkv_bias': False, 'xla_options': {}}
 
 
 def fastest(lines, batch):

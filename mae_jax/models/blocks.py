@@ -34,9 +34,10 @@ def drop_path(x, rate, rng):
 def batch_sharded(x):
   """`x` with its leading (batch) axis split over every axis of the mesh in
   context (`jax.sharding.use_abstract_mesh`), as the training step splits
-  its batches; `x` itself outside a mesh context. Pinning the activations there makes XLA
-  gather FSDP-sharded weights for each matrix product instead of gathering
-  the whole batch's activations (docs/TPU.md, "FSDP")."""
+  its batches; `x` itself outside a mesh context. Pinning the activations
+  there makes XLA gather FSDP-sharded weights for each matrix product
+  instead of gathering the whole batch's activations (docs/TPU.md,
+  "FSDP")."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or x.shape[0] % mesh.size:
     return x
