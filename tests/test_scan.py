@@ -243,3 +243,22 @@ def test_fsdp_never_shards_the_stacked_layer_axis():
   assert specs['blocks']['scale'] == P()  # nothing else divides by 8
   assert specs['blocks']['fc1'] == P(None, None, 'fsdp')
   assert specs['opt_state']['mu']['decoder_blocks']['b'] == P(None, 'fsdp')
+
+
+def test_fsdp_shards_qkv_kernels_by_rows_keeping_q_k_v_blocks_whole():
+  mesh = sharding.make_mesh((1, 8))
+  shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  qkv = {'kernel': shape(64, 192), 'bias': shape(192)}
+  tree = {'blocks_0': {'attn': {'qkv': qkv, 'proj': {'kernel': shape(64, 64)}}},
+          'blocks': {'attn': {'qkv': {'kernel': shape(16, 64, 192)}}},
+          'opt_state': {'mu': {'blocks_0': {'attn': {'qkv': qkv}}}},
+          'odd': {'qkv': {'kernel': shape(12, 192)}}}
+  specs = jax.tree.map(lambda s: s.spec,
+                       sharding.tree_shardings(mesh, tree))
+  assert specs['blocks_0']['attn']['qkv'] == {'kernel': P('fsdp', None),
+                                              'bias': P('fsdp')}
+  assert specs['blocks']['attn']['qkv']['kernel'] == P(None, 'fsdp', None)
+  assert specs['opt_state']['mu']['blocks_0']['attn']['qkv'] == specs[
+      'blocks_0']['attn']['qkv']
+  assert specs['odd']['qkv']['kernel'] == P(None, 'fsdp')  # 12 rows: columns
+  assert specs['blocks_0']['attn']['proj']['kernel'] == P('fsdp', None)

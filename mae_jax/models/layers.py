@@ -4,7 +4,8 @@ ViTPose.
 Linear layers: zero bias, weights Xavier-uniform or, in the blocks, as
 `weight_init` chooses (WEIGHT_INITS); LayerNorm eps 1e-6
 (a model's `norm_eps` field can set another); exact (erf) GELU. `dtype` is
-the compute dtype, `param_dtype` the storage one.
+the compute dtype, `param_dtype` the storage one; the linear layers'
+parameter gradients are summed in param_dtype (mae_jax.models.products).
 """
 import functools
 from typing import Any, Optional, Sequence, Union
@@ -18,10 +19,9 @@ from mae_jax.models.geometry import (grid_hw, model_input_shape,
                                      normalize_img_size)
 from mae_jax.models.masking import gather_tokens
 from mae_jax.models.patches import patchify
+from mae_jax.models.products import Dense, linear
 
 LN_EPS = 1e-6
-Dense = functools.partial(nn.Dense, kernel_init=nn.initializers.xavier_uniform(),
-                          bias_init=nn.initializers.zeros)
 # Initialisation of the blocks' linear kernels and the patch embedding, by
 # `weight_init`: 'mae' as the official MAE (Xavier uniform, the patch kernel
 # as a linear layer, zero biases); 'vitpose' as the official ViTPose backbone
@@ -94,8 +94,8 @@ class PatchEmbed(nn.Module):
     x = patchify(imgs.astype(self.dtype), p)  # (N, L, p*p*C)
     if keep is not None:
       x = gather_tokens(x, keep)  # (N, K, p*p*C)
-    kernel = kernel.reshape(p * p * c, self.embed_dim).astype(self.dtype)
-    return x @ kernel + bias.astype(self.dtype)
+    return linear(x, kernel.reshape(p * p * c, self.embed_dim), bias,
+                  self.dtype)
 
 
 class QKV(nn.Module):
@@ -119,16 +119,15 @@ class QKV(nn.Module):
   def __call__(self, x):
     n, t, d = x.shape
     kernel = self.param('kernel', linear_init(self.weight_init), (d, 3 * d),
-                        self.param_dtype).astype(self.dtype)
+                        self.param_dtype)
     stored_bias = self.param('bias', nn.initializers.zeros, (3 * d,),
                              self.param_dtype)
-    bias = stored_bias.astype(self.dtype)
-    x = x.reshape(n * t, d).astype(self.dtype)
+    x = x.reshape(n * t, d)
     out = []
     for i in range(3):
-      y = x @ kernel[:, i * d:(i + 1) * d]
-      if i == 0 or not self.fold_bias:
-        y = y + bias[i * d:(i + 1) * d]
+      part = slice(i * d, (i + 1) * d)
+      bias = stored_bias[part] if i == 0 or not self.fold_bias else None
+      y = linear(x, kernel[:, part], bias, self.dtype)
       out.append(y.reshape(n, t, self.num_heads, d // self.num_heads))
     return (*out, stored_bias[2 * d:]) if self.fold_bias else tuple(out)
 
@@ -149,8 +148,8 @@ class OutProj(nn.Module):
     kernel = self.param('kernel', linear_init(self.weight_init), (d, d),
                         self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, (d,), self.param_dtype)
-    bias = (extra_bias @ kernel + bias).astype(self.dtype)
-    y = x.reshape(-1, d).astype(self.dtype) @ kernel.astype(self.dtype) + bias
+    y = linear(x.reshape(-1, d), kernel, extra_bias @ kernel + bias,
+               self.dtype)
     return y.reshape(x.shape)
 
 

@@ -15,6 +15,7 @@ from mae_jax.models.masking import (draw_noise, gather_tokens,
                                     masking_indices, random_masking)
 from mae_jax.models.patches import patchify
 from mae_jax.models.pos_embed import sincos_2d
+from mae_jax.models.products import broadcast_cast
 
 
 def masked_patch_loss(imgs, pred, mask, patch_size, norm_pix_loss,
@@ -118,9 +119,9 @@ class MaskedAutoencoder(layers.ImageInput):
     else:
       x = self.patch_embed(imgs) + pos_patches
       x, mask, ids_restore = random_masking(x, mask_ratio, noise)
-    cls = (self.cls_token.astype(self.dtype) + pos[:1].astype(self.dtype))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])),
-                         x], axis=1)
+    cls = (broadcast_cast(self.cls_token, (x.shape[0], 1, x.shape[2]),
+                          self.dtype) + pos[:1].astype(self.dtype))
+    x = jnp.concatenate([cls, x], axis=1)
     x = run_stack(self.blocks, x, self.depth)
     return self.norm(x), mask, ids_restore
 
@@ -138,9 +139,9 @@ class MaskedAutoencoder(layers.ImageInput):
     self._check_images(imgs)
     pos = sincos_2d(self.embed_dim, self.grid_size).astype(self.dtype)
     x = self.patch_embed(imgs) + pos[1:]
-    cls = self.cls_token.astype(self.dtype) + pos[:1]
-    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])),
-                         x], axis=1)
+    cls = broadcast_cast(self.cls_token, (x.shape[0], 1, x.shape[2]),
+                         self.dtype) + pos[:1]
+    x = jnp.concatenate([cls, x], axis=1)
     if layers is None:
       x = run_stack(self.blocks, x, self.depth)
       return self.norm(x)
@@ -154,8 +155,8 @@ class MaskedAutoencoder(layers.ImageInput):
     x = self.decoder_embed(latent)
     n, t, d = x.shape
     length = ids_restore.shape[1]
-    mask_tokens = jnp.broadcast_to(self.mask_token.astype(x.dtype),
-                                   (n, length + 1 - t, d))
+    mask_tokens = broadcast_cast(self.mask_token, (n, length + 1 - t, d),
+                                 x.dtype)
     x_ = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
     x_ = jnp.take_along_axis(x_, ids_restore[:, :, None], axis=1)
     x = jnp.concatenate([x[:, :1], x_], axis=1)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from mae_jax.models import layers
 from mae_jax.models.batchnorm import TorchBatchNorm
 from mae_jax.models.blocks import block_stack, run_stack
+from mae_jax.models.products import Conv, broadcast_cast, conv
 
 HEADS = ('classic', 'simple')
 _HEAD_INIT = nn.initializers.normal(0.001)  # the official heads' conv init
@@ -55,7 +56,6 @@ class ConvTranspose(nn.Module):
   def __call__(self, x):
     kernel = self.param('kernel', _HEAD_INIT,
                         (4, 4, x.shape[-1], self.features), self.param_dtype)
-    kernel = kernel.astype(self.dtype)
     x = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
     n, hp, wp, _ = x.shape
     h, w = hp - 2, wp - 2
@@ -68,10 +68,8 @@ class ConvTranspose(nn.Module):
       for rx in (0, 1):
         x0, tx = taps[rx]
         k = kernel[jnp.array(ty)][:, jnp.array(tx)]  # (2, 2, C_in, C_out)
-        out = jax.lax.conv_general_dilated(
-            x[:, y0:y0 + h + 1, x0:x0 + w + 1], k, (1, 1), 'VALID',
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-        row.append(out)
+        row.append(conv(x[:, y0:y0 + h + 1, x0:x0 + w + 1], k, None,
+                        self.dtype))
       phases.append(jnp.stack(row, axis=3))  # (N, h, w, 2, C_out)
     out = jnp.stack(phases, axis=2)  # (N, h, 2, w, 2, C_out)
     return out.reshape(n, 2 * h, 2 * w, self.features)
@@ -138,8 +136,7 @@ class ViTPose(layers.ImageInput):
     # which for std 0.02 is a plain normal.
     pos = self.param('pos_embed', nn.initializers.normal(0.02),
                      (1, 1 + gh * gw, self.embed_dim), self.param_dtype)
-    pos = pos.astype(x.dtype)
-    x = x + pos[:, 1:] + pos[:, :1]
+    x = x + broadcast_cast(pos[:, 1:] + pos[:, :1], x.shape, x.dtype)
     blocks = block_stack(self, 'blocks', self.depth, self.num_heads,
                          self.drop_path_rate, deterministic=not train)
     x = run_stack(blocks, x, self.depth, deterministic=not train)
@@ -150,8 +147,7 @@ class ViTPose(layers.ImageInput):
     return self._head(x, train, kw)
 
   def _head(self, x, train, kw):
-    conv = functools.partial(nn.Conv, kernel_init=_HEAD_INIT,
-                             bias_init=nn.initializers.zeros, **kw)
+    head_conv = functools.partial(Conv, kernel_init=_HEAD_INIT, **kw)
     if self.head == 'simple':
       x = jax.nn.relu(x)
       n, h, w, d = x.shape
@@ -159,14 +155,13 @@ class ViTPose(layers.ImageInput):
       # bilinear equals PyTorch's align_corners=False, edges included.
       x = jax.image.resize(x, (n, h * self.upsample, w * self.upsample, d),
                            'bilinear')
-      return conv(self.num_joints, (3, 3), padding=((1, 1), (1, 1)),
-                  name='final_layer')(x)
+      return head_conv(self.num_joints, 3, padding=1, name='final_layer')(x)
     for i in range(2):
       x = ConvTranspose(self.head_width, name=f'deconv_{i}', **kw)(x)
       x = TorchBatchNorm(affine=True, count_batches=True, name=f'bn_{i}')(
           x, train).astype(x.dtype)
       x = jax.nn.relu(x)
-    return conv(self.num_joints, (1, 1), name='final_layer')(x)
+    return head_conv(self.num_joints, 1, name='final_layer')(x)
 
 
 POSE_CONFIGS = {

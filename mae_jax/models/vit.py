@@ -20,6 +20,7 @@ from mae_jax.models.batchnorm import TorchBatchNorm
 from mae_jax.models.blocks import (block_stack, layer_indices, plain_block,
                                    run_stack, run_stack_keeping)
 from mae_jax.models.pos_embed import sincos_2d
+from mae_jax.models.products import Dense, broadcast_cast
 
 
 class VisionTransformer(layers.ImageInput):
@@ -70,8 +71,8 @@ class VisionTransformer(layers.ImageInput):
                      lambda key, shape, dtype: jnp.asarray(table, dtype),
                      table.shape, self.param_dtype)
     x = jnp.concatenate(
-        [jnp.broadcast_to(cls.astype(x.dtype), (n, 1, self.embed_dim)), x],
-        axis=1) + pos.astype(x.dtype)
+        [broadcast_cast(cls, (n, 1, self.embed_dim), x.dtype), x], axis=1)
+    x = x + broadcast_cast(pos, x.shape, x.dtype)
     blocks = block_stack(self, 'blocks', self.depth, self.num_heads,
                          self.drop_path_rate, deterministic=not train)
     if keep is None:
@@ -94,11 +95,10 @@ class VisionTransformer(layers.ImageInput):
     if self.linear_probe:
       std = 0.01
       x = TorchBatchNorm(eps=1e-6, momentum=0.1, name='head_bn')(x, train)
-    head = functools.partial(
-        nn.Dense, kernel_init=nn.initializers.truncated_normal(std),
-        bias_init=nn.initializers.zeros, dtype=self.dtype,
-        param_dtype=self.param_dtype)
-    return head(self.num_classes, name='head')(x)
+    head = Dense(self.num_classes,
+                 kernel_init=nn.initializers.truncated_normal(std),
+                 dtype=self.dtype, param_dtype=self.param_dtype, name='head')
+    return head(x)
 
 
 VIT_CONFIGS = {
