@@ -132,7 +132,7 @@ def test_dense_and_conv_keep_flax_parameter_names_and_shapes():
   dense = products.Dense(4).init(jax.random.key(0), x)['params']
   assert {k: v.shape for k, v in dense.items()} == {'kernel': (3, 4),
                                                      'bias': (4,)}
-  conv = products.Conv(4, 3, padding=1)
+  conv = products.Conv(4, kernel_size=3, padding=1)
   params = conv.init(jax.random.key(0), x)['params']
   assert {k: v.shape for k, v in params.items()} == {'kernel': (3, 3, 3, 4),
                                                       'bias': (4,)}

@@ -155,13 +155,14 @@ class ViTPose(layers.ImageInput):
       # bilinear equals PyTorch's align_corners=False, edges included.
       x = jax.image.resize(x, (n, h * self.upsample, w * self.upsample, d),
                            'bilinear')
-      return head_conv(self.num_joints, 3, padding=1, name='final_layer')(x)
+      return head_conv(self.num_joints, kernel_size=3, padding=1,
+                       name='final_layer')(x)
     for i in range(2):
       x = ConvTranspose(self.head_width, name=f'deconv_{i}', **kw)(x)
       x = TorchBatchNorm(affine=True, count_batches=True, name=f'bn_{i}')(
           x, train).astype(x.dtype)
       x = jax.nn.relu(x)
-    return head_conv(self.num_joints, 1, name='final_layer')(x)
+    return head_conv(self.num_joints, name='final_layer')(x)
 
 
 POSE_CONFIGS = {

@@ -143,42 +143,42 @@ def broadcast_cast(param, shape, dtype):
   return jnp.broadcast_to(param, shape).astype(dtype)
 
 
-class Dense(nn.Module):
-  """nn.Dense's parameters ('kernel' (K, F), 'bias' (F,)) and function,
-  computed by `linear`: (..., K) -> (..., F)."""
+class _Layer(nn.Module):
+  """Fields and parameters ('kernel', 'bias' (F,)) shared by Dense and Conv."""
   features: int
-  kernel_init: Callable = nn.initializers.xavier_uniform()
-  bias_init: Callable = nn.initializers.zeros
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param('kernel', self.kernel_init,
-                        (x.shape[-1], self.features), self.param_dtype)
-    bias = self.param('bias', self.bias_init, (self.features,),
-                      self.param_dtype)
-    return linear(x, kernel, bias, self.dtype)
-
-
-class Conv(nn.Module):
-  """nn.Conv's parameters ('kernel' (k, k, C, F), 'bias' (F,)) for a k x k,
-  stride-1 convolution with `padding` zeros on each side, computed by
-  `conv`: (N, H, W, C) -> (N, H + 2 * padding - k + 1, ..., F)."""
-  features: int
-  kernel_size: int
-  padding: int = 0
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def _params(self, kernel_shape):
+    return (self.param('kernel', self.kernel_init, kernel_shape,
+                       self.param_dtype),
+            self.param('bias', self.bias_init, (self.features,),
+                       self.param_dtype))
+
+
+class Dense(_Layer):
+  """nn.Dense's parameters ('kernel' (K, F), 'bias' (F,)) and function,
+  computed by `linear`: (..., K) -> (..., F). Kernel init Xavier-uniform."""
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, x):
+    kernel, bias = self._params((x.shape[-1], self.features))
+    return linear(x, kernel, bias, self.dtype)
+
+
+class Conv(_Layer):
+  """nn.Conv's parameters ('kernel' (k, k, C, F), 'bias' (F,)) for a k x k,
+  stride-1 convolution with `padding` zeros on each side, computed by
+  `conv`: (N, H, W, C) -> (N, H + 2 * padding - k + 1, ..., F)."""
+  kernel_size: int = 1
+  padding: int = 0
+
   @nn.compact
   def __call__(self, x):
     k, p = self.kernel_size, self.padding
-    kernel = self.param('kernel', self.kernel_init,
-                        (k, k, x.shape[-1], self.features), self.param_dtype)
-    bias = self.param('bias', self.bias_init, (self.features,),
-                      self.param_dtype)
+    kernel, bias = self._params((k, k, x.shape[-1], self.features))
     x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
     return conv(x, kernel, bias, self.dtype)
