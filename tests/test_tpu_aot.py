@@ -249,9 +249,10 @@ def test_finetune_and_pose_steps_compile_for_tpu(tmp_path, task, model):
   assert r['fits'] and r['model_flops'] > 0
 
 
-def _collective_dtypes(task_name, model, mesh, kind):
-  """{HLO dtype: bytes} of the `kind` collectives of a step on a v5e 2x2
-  slice (batch 16, `mesh` as 'data,fsdp'), compiled for TPU."""
+def _collective_dtypes(task_name, model, mesh):
+  """{kind: {HLO dtype: bytes}} of the all-gathers and all-reduces of a
+  step on a v5e 2x2 slice (batch 16, `mesh` as 'data,fsdp'), compiled for
+  TPU."""
   from jax.experimental import topologies
   from benchmarks import tpu_aot
   args = tpu_aot.parse_args(['--topology', 'v5e:2x2', '--task', task_name,
@@ -265,11 +266,13 @@ def _collective_dtypes(task_name, model, mesh, kind):
   text = task.update.trace(task.abstract_state, task.abstract_batch(),
                            jax.ShapeDtypeStruct((), jnp.int32)
                            ).lower().compile().as_text()
-  found = {}
-  for result, _ in re.findall(rf'= (.*?) {kind}(-start)?\(', text):
+  found = {'all-gather': {}, 'all-reduce': {}}
+  for result, kind in re.findall(r'= (.*?) (all-gather|all-reduce)'
+                                 r'(?:-start)?\(', text):
     for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', result):
       size = math.prod(int(d) for d in dims.split(',') if d)
-      found[dtype] = found.get(dtype, 0) + size * cost.DTYPE_BYTES[dtype]
+      found[kind][dtype] = (found[kind].get(dtype, 0)
+                            + size * cost.DTYPE_BYTES[dtype])
   return found
 
 
@@ -281,11 +284,11 @@ def test_bf16_data_parallel_gradients_are_all_reduced_in_float32(task, model):
   """Every gradient sum across devices is float32, as the official DDP's;
   with autodiff's bf16 weight-gradient products XLA all-reduced them in
   bf16 (the pretraining step: 4.5 MB of bf16, 19 kB of float32)."""
-  found = _collective_dtypes(task, model, '4,1', 'all-gather')
-  assert not found, found  # data parallel: nothing to gather
-  found = _collective_dtypes(task, model, '4,1', 'all-reduce')
-  assert set(found) == {'f32'}, found
-  assert found['f32'] > 4 * 10**6  # every parameter's gradient, in float32
+  found = _collective_dtypes(task, model, '4,1')
+  assert not found['all-gather'], found  # data parallel: nothing to gather
+  assert set(found['all-reduce']) == {'f32'}, found
+  # every parameter's gradient, in float32
+  assert found['all-reduce']['f32'] > 4 * 10**6
 
 
 @needs_libtpu
@@ -293,9 +296,8 @@ def test_fsdp_gathers_bf16_weights_and_no_float32_gradient_blocks():
   """With FSDP the forward and backward passes gather the bf16 weights;
   with the qkv kernels sharded by columns, the float32 gradients of their
   q, k, v blocks were gathered too (2.2 MB per step here)."""
-  found = _collective_dtypes('pretrain', 'mae_vit_tiny_patch8', '1,4',
-                             'all-gather')
-  assert set(found) == {'bf16'}, found
+  found = _collective_dtypes('pretrain', 'mae_vit_tiny_patch8', '1,4')
+  assert set(found['all-gather']) == {'bf16'}, found
 
 
 @needs_libtpu
