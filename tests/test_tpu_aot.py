@@ -269,7 +269,7 @@ def _collective_dtypes(task_name, model, mesh):
   found = {'all-gather': {}, 'all-reduce': {}}
   for result, kind in re.findall(r'= (.*?) (all-gather|all-reduce)'
                                  r'(?:-start)?\(', text):
-    for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', result):
+    for dtype, dims in cost._ARRAY.findall(result):  # pylint: disable=protected-access
       size = math.prod(int(d) for d in dims.split(',') if d)
       found[kind][dtype] = (found[kind].get(dtype, 0)
                             + size * cost.DTYPE_BYTES[dtype])
