@@ -1,8 +1,11 @@
 """Monitor: interval means, throughput without compile time, strict JSON,
-restarts without duplicate records, TensorBoard images and config."""
+restarts without duplicate records, TensorBoard images and config, a
+writer that does not import torch."""
 import glob
 import json
 import struct
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ from configs import pretrain
 from mae_jax.train import monitor as monitor_lib
 from mae_jax.train import sharding
 from mae_jax.train.monitor import Monitor
+from tests.helpers import ROOT, cpu_env
 
 
 class Clock:
@@ -139,3 +143,27 @@ def test_tensorboard_gets_the_figure_as_an_image_and_the_config(tmp_path):
 def test_mesh_prints_as_axis_sizes():
   mesh = sharding.make_mesh((1, 2), jax.devices()[:2])
   assert monitor_lib.mesh_text(mesh) == 'data=1 fsdp=2'
+
+
+def test_tensorboard_writer_starts_without_importing_torch_which_stays_importable(
+    tmp_path):
+  """tensorboardX imports torch when it is installed (seconds of every
+  run's start-up); the monitor's writer does not, and torch imports
+  normally afterwards."""
+  script = f"""
+import sys
+from configs import pretrain
+from mae_jax.train.monitor import Monitor
+config = pretrain.get_config('tiny')
+m = Monitor({str(tmp_path)!r}, 10, config)
+m.close()
+assert 'tensorboardX' in sys.modules
+assert 'torch' not in sys.modules, 'torch was imported'
+import torch
+print(torch.tensor([1.0]).sum().item())
+"""
+  out = subprocess.run([sys.executable, '-c', script], cwd=ROOT,
+                       env=cpu_env(), capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ['1.0']

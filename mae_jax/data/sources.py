@@ -283,4 +283,4 @@ def tfds_share(builder, split, process_index, process_count, *,
     return (ex[image_key], tf.cast(ex[label_key], tf.int32), uid,
             ex['tfds_id'])
 
-  return ds.map(unpack), size
+  return ds.map(tf.autograph.experimental.do_not_convert(unpack)), size

@@ -64,6 +64,26 @@ def _restart_records(path, start_step):
     paths.write_atomic(path, ''.join(line + '\n' for line in kept))
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter class, imported without PyTorch.
+
+  tensorboardX imports torch whenever it is installed (about 2 s of every
+  run's start-up), only to name torch.Tensor in type hints; the monitor
+  writes numbers and NumPy arrays. While tensorboardX is first imported,
+  `import torch` fails for it (it then uses NumPy's types); torch stays
+  importable before and after.
+  """
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules['torch'] = None  # makes `import torch` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 class Monitor:
   """Writes `metrics.jsonl`, TensorBoard events and figures in the workdir.
 
@@ -84,11 +104,10 @@ class Monitor:
     self.sum, self.count, self.latest = None, 0, None
     self.tb = self.jsonl = None
     if active:
-      from tensorboardX import SummaryWriter
       self.workdir.mkdir(parents=True, exist_ok=True)
       path = self.workdir / 'metrics.jsonl'
       _restart_records(path, start_step)
-      self.tb = SummaryWriter(os.fspath(self.workdir / 'tb'))
+      self.tb = _summary_writer()(os.fspath(self.workdir / 'tb'))
       self.tb.add_text('config', _config_markdown(config), start_step)
       if paths.is_uri(path):  # object stores cannot append: write it anew
         kept = path.read_text() if path.exists() else ''
