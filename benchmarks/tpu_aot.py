@@ -3,7 +3,7 @@
   python benchmarks/tpu_aot.py --topology v5e:2x2 \\
       --model mae_vit_base_patch16 --batch 256 --mesh 1,4 --scan --out f.jsonl
       [--task pretrain|finetune|pose] [--dtype bfloat16] [--remat]
-      [--accum K]
+      [--accum K] [--unpinned] [--qkv-columns]
 
 Needs libtpu (`pip install -e ".[tpu]"`, or TPU_LIBRARY_PATH naming a
 libtpu.so); no TPU is touched. The step is the
@@ -184,7 +184,7 @@ def compile_step(args):
             'task': args.task, 'model': args.model, 'batch': args.batch,
             'accum': args.accum, 'mesh': list(args.mesh),
             'dtype': args.dtype, 'scan': args.scan, 'remat': args.remat,
-            'unpinned': args.unpinned}
+            'unpinned': args.unpinned, 'qkv_columns': args.qkv_columns}
   try:
     mesh = sharding.make_mesh(args.mesh, devices)
     config = task_config(args.task, args.model, args)
@@ -195,17 +195,20 @@ def compile_step(args):
   step = jax.ShapeDtypeStruct((), jnp.int32)
   batch = task.abstract_batch()
   batch_sharding = sharding.batch_sharding(mesh, stacked=True)
-  update = task.update
-  if args.unpinned:  # the update without the activation-sharding context
-    update = jax.jit(task._update, donate_argnums=(0,),  # pylint: disable=protected-access
-                     in_shardings=(task.shardings, batch_sharding,
+  update, state = task.update, task.abstract_state
+  if args.unpinned or args.qkv_columns:
+    shardings = task.shardings
+    if args.qkv_columns:  # every kernel by the 'fsdp' rule, qkv included
+      shardings, state = sharding.with_shardings(mesh, state, (('.*', 'fsdp'),))
+    # pylint: disable-next=protected-access
+    body = task._update if args.unpinned else task._update_in_mesh
+    update = jax.jit(body, donate_argnums=(0,),
+                     in_shardings=(shardings, batch_sharding,
                                    sharding.replicated(mesh)),
-                     out_shardings=(task.shardings,
-                                    sharding.replicated(mesh)))
+                     out_shardings=(shardings, sharding.replicated(mesh)))
   start = time.perf_counter()
   try:
-    compiled = update.trace(task.abstract_state, batch,
-                            step).lower().compile()
+    compiled = update.trace(state, batch, step).lower().compile()
   except Exception as e:  # pylint: disable=broad-except
     text = str(e)
     oom = 'RESOURCE_EXHAUSTED' in text or 'memory' in text.lower()
@@ -281,6 +284,10 @@ def parse_args(argv=None):
                       help='compile the update without batch-sharded '
                       'activations (mae_jax.models.blocks.batch_sharded), '
                       'to compare')
+  parser.add_argument('--qkv-columns', action='store_true',
+                      help='shard the qkv kernels by columns like every '
+                      'other kernel (the rule table before fsdp_rows, '
+                      'mae_jax.train.sharding), to compare')
   parser.add_argument('--out', required=True)
   return parser.parse_args(argv)
 

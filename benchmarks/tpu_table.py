@@ -1,12 +1,12 @@
 """The TPU table of docs/TPU.md: benchmarks/tpu_aot.py over pod slices.
 
   python benchmarks/tpu_table.py [--out docs/tpu_aot.jsonl] [--doc docs/TPU.md]
-      [--only pretrain_4096|huge_variants|max_batch|fsdp_fix] [--render-only]
+      [--only pretrain_4096|huge_variants|max_batch|fsdp_fix]
 
 Runs tpu_aot.py once per row (each in its own process, on this CPU host;
 rows already in --out with the same settings are not compiled again), then
 writes the tables between the markers <!-- tpu_aot:begin --> and
-<!-- tpu_aot:end --> of --doc. Rows:
+<!-- tpu_aot:end --> of --doc (with --only, the tables written are only those named). Rows:
 - pretrain_4096: base / large / huge MAE pretraining at the paper's global
   batch 4096, data parallel, on v3 (128 cores, the paper's), v5p and v5e;
 - huge_variants: huge on v5e 16x16 with and without FSDP, with remat;
@@ -14,7 +14,8 @@ writes the tables between the markers <!-- tpu_aot:begin --> and
   size, data parallel on a 2x2 slice: doubling from 8 images per chip
   until one does not fit, then halving the gap down to 8 images;
 - fsdp_fix: base with FSDP over 4 chips, with and without batch-sharded
-  activations (tpu_aot.py --unpinned), the before/after of that fix.
+  activations (tpu_aot.py --unpinned), the before/after of that fix, and
+  with the qkv kernels sharded by columns (--qkv-columns) instead of rows.
 """
 import argparse
 import datetime
@@ -33,17 +34,20 @@ PAPER = ('He et al. 2021 report ViT-L, 800 epochs of ImageNet-1k (1.28 M '
          'images/s per chip, about 29% MFU (124.5 GFLOP per image)')
 SLICES = (('v3:8x8', 128), ('v5p:4x4x4', 64), ('v5e:16x16', 256))
 KEY = ('topology', 'task', 'model', 'batch', 'accum', 'mesh', 'dtype',
-       'scan', 'remat', 'unpinned')
+       'scan', 'remat', 'unpinned', 'qkv_columns')
 
 
-def row(topology, size, batch, mesh, remat=False, unpinned=False):
+def row(topology, size, batch, mesh, remat=False, unpinned=False,
+        qkv_columns=False):
   return {'topology': topology, 'task': 'pretrain', 'model': MODELS[size],
           'batch': batch, 'accum': 1, 'mesh': list(mesh), 'dtype': 'bfloat16',
-          'scan': True, 'remat': remat, 'unpinned': unpinned}
+          'scan': True, 'remat': remat, 'unpinned': unpinned,
+          'qkv_columns': qkv_columns}
 
 
 def key(r):
-  return json.dumps([r.get(k) for k in KEY])
+  """Rows written before a flag existed ran without it."""
+  return json.dumps([r.get(k, False) for k in KEY])
 
 
 def run(r, out, done):
@@ -55,7 +59,8 @@ def run(r, out, done):
          '--topology', r['topology'], '--model', r['model'], '--batch',
          str(r['batch']), '--mesh', ','.join(map(str, r['mesh'])),
          '--task', r['task'], '--dtype', r['dtype'], '--out', out]
-  cmd += [f'--{k}' for k in ('scan', 'remat', 'unpinned') if r[k]]
+  cmd += [f"--{k.replace('_', '-')}"
+          for k in ('scan', 'remat', 'unpinned', 'qkv_columns') if r[k]]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   print(proc.stdout.strip() or proc.stderr.strip()[-2000:], flush=True)
   done.update(load(out))
@@ -97,8 +102,8 @@ def rows_huge():
 
 
 def rows_fsdp():
-  return [row('v5e:2x2', 'base', 256, (1, 4), unpinned=u)
-          for u in (True, False)]
+  return [row('v5e:2x2', 'base', 256, (1, 4), unpinned=u, qkv_columns=c)
+          for u, c in ((True, False), (False, True), (False, False))]
 
 
 def max_batch(size, out, done, chips=4):
@@ -208,10 +213,12 @@ def main(argv=None):
   sections = []
   if 'fsdp_fix' in want:
     rows = [(r, run(r, args.out, done),
-             ['no (before)' if r['unpinned'] else 'yes (after)'])
+             ['no' if r['unpinned'] else 'yes',
+              'columns' if r['qkv_columns'] else 'rows'])
             for r in rows_fsdp()]
-    sections.append('**FSDP before/after** (batch-sharded activations):\n\n'
-                    + table(rows, ['activations pinned']))
+    sections.append('**FSDP before/after** (batch-sharded activations, '
+                    'then qkv kernels sharded by rows):\n\n'
+                    + table(rows, ['activations pinned', 'qkv kernels by']))
   if 'pretrain_4096' in want:
     rows = rows_pretrain(args.out, done)
     sections.append('**Pretraining at global batch 4096** (scan_blocks, '

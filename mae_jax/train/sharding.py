@@ -13,7 +13,7 @@ and so do the blocks of their float32 gradient; sharded by columns, the
 blocks straddled the shards and XLA gathered the gradient blocks across
 devices (in float32 since the gradients are; measured on MAE-base with
 FSDP over 4 v5e chips: 869 MiB of collectives per step by columns, 733 by
-rows).
+rows; docs/TPU.md, benchmarks/tpu_table.py).
 The layer axis (axis 0) of stacked block params (scan_blocks, see
 mae_jax.models.scan_layout) is never sharded: nn.scan slices it one block
 per iteration, and a dynamic slice along a sharded axis makes XLA gather the
