@@ -45,6 +45,22 @@ def test_mae_jax_imports_without_tensorflow():
   subprocess.run([sys.executable, '-c', code], check=True)
 
 
+def test_pipeline_imports_tensorflow_without_keras_which_stays_importable():
+  """TensorFlow imports Keras' optimizers at its import (seconds of every
+  run's start-up); the input pipeline's import of TensorFlow does not, and
+  Keras and tf.keras import normally afterwards."""
+  code = ('import sys\n'
+          'from mae_jax.data import pipeline\n'
+          'assert "tensorflow" in sys.modules\n'
+          'assert "keras" not in sys.modules, "keras was imported"\n'
+          'import tensorflow as tf\n'
+          'print(tf.keras.optimizers.Adam.__name__)\n')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ['Adam']
+
+
 def test_embedded_source_loads_offline():
   src = sources.embedded(repeats=1, split='all')
   assert src.num_examples == src.num_classes == len(sources.EMBEDDED_FILES)

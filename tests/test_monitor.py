@@ -145,8 +145,7 @@ def test_mesh_prints_as_axis_sizes():
   assert monitor_lib.mesh_text(mesh) == 'data=1 fsdp=2'
 
 
-def test_tensorboard_writer_starts_without_importing_torch_which_stays_importable(
-    tmp_path):
+def test_tensorboard_writer_leaves_torch_unimported_and_importable(tmp_path):
   """tensorboardX imports torch when it is installed (seconds of every
   run's start-up); the monitor's writer does not, and torch imports
   normally afterwards."""
