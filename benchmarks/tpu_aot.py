@@ -199,7 +199,8 @@ def compile_step(args):
   if args.unpinned or args.qkv_columns:
     shardings = task.shardings
     if args.qkv_columns:  # every kernel by the 'fsdp' rule, qkv included
-      shardings, state = sharding.with_shardings(mesh, state, (('.*', 'fsdp'),))
+      shardings, state = sharding.with_shardings(mesh, state,
+                                                 (('.*', 'fsdp'),))
     # pylint: disable-next=protected-access
     body = task._update if args.unpinned else task._update_in_mesh
     update = jax.jit(body, donate_argnums=(0,),

@@ -6,7 +6,7 @@
 Runs tpu_aot.py once per row (each in its own process, on this CPU host;
 rows already in --out with the same settings are not compiled again), then
 writes the tables between the markers <!-- tpu_aot:begin --> and
-<!-- tpu_aot:end --> of --doc (with --only, the tables written are only those named). Rows:
+<!-- tpu_aot:end --> of --doc (with --only, only the tables named). Rows:
 - pretrain_4096: base / large / huge MAE pretraining at the paper's global
   batch 4096, data parallel, on v3 (128 cores, the paper's), v5p and v5e;
 - huge_variants: huge on v5e 16x16 with and without FSDP, with remat;
