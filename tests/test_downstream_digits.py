@@ -20,6 +20,8 @@ pytest.importorskip('tensorflow')
 from benchmarks.downstream_short import (KNN_LIFT, PROBE_MARGIN,  # noqa: E402
                                          short_chain)
 
+pytestmark = pytest.mark.long
+
 
 def test_short_pretraining_lifts_knn_and_probe_accuracy_above_a_random_encoder(
     tmp_path):

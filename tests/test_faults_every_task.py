@@ -27,6 +27,8 @@ import mae_jax
 from mae_jax.train.workdir import WorkdirLock, WorkdirLocked
 from tests.helpers import ROOT, checkpoint_steps, cpu_env
 
+pytestmark = pytest.mark.long
+
 TASKS = ('pretrain', 'finetune', 'linprobe', 'pose')
 TOTAL = 6  # updates; a checkpoint every 2
 TINY = [f'--config.total_steps={TOTAL}', '--config.warmup_steps=2',

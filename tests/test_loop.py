@@ -16,6 +16,8 @@ from configs import pretrain as pretrain_config
 from mae_jax.errors import CorruptCheckpointError
 from mae_jax.train import loop, monitor, pretrain, sharding
 
+pytestmark = pytest.mark.long
+
 
 def _config(**overrides):
   config = pretrain_config.get_config('tiny')

@@ -9,9 +9,12 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from tests.helpers import (checkpoint_steps, cpu_env, final_params,
                            train_command)
+
+pytestmark = pytest.mark.long
 
 THREE = ['--config.total_steps=3', '--config.checkpoint_every_steps=3',
          '--config.figure_every_steps=0', '--config.mesh=(2,4)']

@@ -19,6 +19,8 @@ from mae_jax.torch_io import CheckpointError
 from mae_jax.train.workdir import WorkdirLock, WorkdirLocked
 from tests import helpers
 
+pytestmark = pytest.mark.long
+
 TINY_RUN = ['--config.batch_size=8', '--config.total_steps=4',
             '--config.warmup_steps=1', '--config.checkpoint_every_steps=2',
             '--config.figure_every_steps=2', '--config.log_every_steps=2']

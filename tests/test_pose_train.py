@@ -15,6 +15,8 @@ from mae_jax.train import optim, pretrain
 from mae_jax.train import pose as pose_task
 from tests import helpers
 
+pytestmark = pytest.mark.long
+
 
 def _config(**fields):
   return helpers.tiny_config('pose', **fields)  # 64 x 48 crops

@@ -18,6 +18,8 @@ from tests.helpers import (MOCK_ID, ROOT, bad_records, cpu_env,
                            make_bad_folder, mock_tfds_split,
                            tiny_pretrain_config, train_command)
 
+pytestmark = pytest.mark.long
+
 def data_config(**fields):
   """The pretraining data config (every field at its default) as a dict,
   with `fields` changed."""

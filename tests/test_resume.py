@@ -17,6 +17,8 @@ from mae_jax.errors import CheckpointSaveError, ConfigError
 from mae_jax.train import classify, pretrain, sharding
 from tests.helpers import tiny_config, tiny_pretrain_config
 
+pytestmark = pytest.mark.long
+
 
 def _mesh():
   return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1),

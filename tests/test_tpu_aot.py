@@ -16,6 +16,8 @@ from configs.pretrain import get_config
 from mae_jax.models import create_model, model_input_shape
 from mae_jax.train import cost, pretrain, sharding
 
+pytestmark = pytest.mark.long
+
 NO_LIBTPU = (importlib.util.find_spec('libtpu') is None
              and not os.path.isfile(os.environ.get('TPU_LIBRARY_PATH', '')))
 needs_libtpu = pytest.mark.skipif(

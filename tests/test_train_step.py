@@ -11,6 +11,8 @@ from mae_jax.train import optim, pretrain, sharding
 from mae_jax.train.task import schedule_for
 from mae_jax.models import create_model
 
+pytestmark = pytest.mark.long
+
 
 def _config(**kw):
   c = pretrain_config.get_config('tiny')

@@ -17,6 +17,8 @@ from mae_jax import (checkpoint, convert, create_model, figures, images,
 from mae_jax.models.mae import normalize_patches
 from mae_jax.models.patches import patchify
 
+pytestmark = pytest.mark.long
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ['--config.total_steps=40', '--config.batch_size=16',
          '--config.blr=1e-2', '--config.warmup_steps=5',
