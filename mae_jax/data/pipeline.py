@@ -48,7 +48,7 @@ from mae_jax.config_values import check_image_fields
 _SHUFFLE_INDEX = -1  # example_key index reserved for the epoch's shuffle
 _AUTOTUNE = tf.data.AUTOTUNE
 # Dataset functions here are plain TF ops: traced without autograph's source
-# conversion (about 0.1 s per function at start-up).
+# conversion (which takes a noticeable part of start-up).
 _plain = tf.autograph.experimental.do_not_convert
 
 
