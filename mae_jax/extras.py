@@ -1,6 +1,10 @@
 """Optional dependencies: a module used without its install extra fails with
-one line naming the extra to install (the extras are listed in setup.py)."""
+one line naming the extra to install (the extras are listed in setup.py);
+imports of optional modules that a library would load needlessly can be
+made to fail while it is imported (`imports_failing`)."""
+import contextlib
 import importlib
+import sys
 
 from mae_jax.errors import MissingExtraError
 
@@ -21,3 +25,19 @@ def require(module, extra, purpose=None):
     raise MissingExtraError(
         f'{e.name} is not installed; it is needed{what}: '
         f"pip install 'mae_jax[{extra}]'") from None
+
+
+@contextlib.contextmanager
+def imports_failing(*names):
+  """Within the block, `import NAME` raises ImportError for each of `names`
+  not yet imported; afterwards they import normally. For libraries that
+  import an optional module and carry on without it when that fails."""
+  blocked = [name for name in names if name not in sys.modules]
+  for name in blocked:
+    sys.modules[name] = None
+  try:
+    yield
+  finally:
+    for name in blocked:
+      if name in sys.modules and sys.modules[name] is None:
+        del sys.modules[name]

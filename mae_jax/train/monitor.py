@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from mae_jax import paths
+from mae_jax import extras, paths
 from mae_jax.errors import NonFiniteError
 
 
@@ -68,19 +68,12 @@ def _summary_writer():
   """tensorboardX's SummaryWriter class, imported without PyTorch.
 
   tensorboardX imports torch whenever it is installed (about 2 s of every
-  run's start-up), only to name torch.Tensor in type hints; the monitor
-  writes numbers and NumPy arrays. While tensorboardX is first imported,
-  `import torch` fails for it (it then uses NumPy's types); torch stays
-  importable before and after.
+  run's start-up), only to name torch.Tensor in type hints, and uses
+  NumPy's types when that import fails; the monitor writes numbers and
+  NumPy arrays.
   """
-  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+  with extras.imports_failing('torch'):
     from tensorboardX import SummaryWriter
-    return SummaryWriter
-  sys.modules['torch'] = None  # makes `import torch` raise ImportError
-  try:
-    from tensorboardX import SummaryWriter
-  finally:
-    del sys.modules['torch']
   return SummaryWriter
 
 
