@@ -34,10 +34,14 @@ def _x(t, seed=0):
 
 
 def _value_and_grads(module, params, x):
+  """The module's output and the gradients of sum(sin(output)) with respect
+  to the parameters and the input, in one jitted call."""
   def loss(p, x):
-    return jnp.sum(jnp.sin(module.apply({'params': p}, x)))
-  out = module.apply({'params': params}, x)
-  return out, jax.grad(loss, argnums=(0, 1))(params, x)
+    out = module.apply({'params': p}, x)
+    return jnp.sum(jnp.sin(out)), out
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1),
+                                               has_aux=True))(params, x)
+  return out, grads
 
 
 @pytest.mark.parametrize('scan', [False, True])
@@ -46,11 +50,11 @@ def test_a_stack_padded_once_gives_the_unpadded_values_and_gradients(scan):
   # dropped, so outputs and all gradients are those of the 7 real tokens.
   x = _x(7)
   plain, padded = Stack(False, scan), Stack(True, scan)
-  params = plain.init(jax.random.key(1), x)['params']
+  params = jax.jit(plain.init)(jax.random.key(1), x)['params']
   # Non-zero biases and LayerNorm offsets, so the pad row is not zero.
+  rng = np.random.default_rng(2)
   params = jax.tree.map(
-      lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape),
-      params)
+      lambda p: p + 0.1 * rng.standard_normal(p.shape, np.float32), params)
   out, grads = _value_and_grads(plain, params, x)
   out_p, grads_p = _value_and_grads(padded, params, x)
   assert out_p.shape == (2, 7, WIDTH)
@@ -64,7 +68,7 @@ def _token_copies(depth, pad_odd):
   WIDTH) activations in the jitted gradient of an unrolled stack."""
   x = _x(7)
   module = Stack(pad_odd, depth=depth)
-  params = module.init(jax.random.key(1), x)['params']
+  params = jax.eval_shape(module.init, jax.random.key(1), x)['params']
   loss = lambda p, x: jnp.sum(module.apply({'params': p}, x) ** 2)
   text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).as_text()
   return [line for line in text.splitlines()

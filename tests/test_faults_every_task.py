@@ -4,8 +4,9 @@ resume to the uninterrupted state, a non-finite loss stops or is skipped, a
 full disk, a changed config and a busy workdir each stop in one line, and
 `mae_jax.load` reads every task's workdir.
 
-A task's runs go two at a time and share a JAX compilation cache; the
-tests then check what each run showed."""
+A task's runs share a JAX compilation cache: the uninterrupted run goes
+first and fills it, the others then go two at a time; the tests check what
+each run showed."""
 import concurrent.futures
 import json
 import os
@@ -218,17 +219,18 @@ def full_disk_run(task, disk, reference, env):
 
 @pytest.fixture(scope='module')
 def runs(task, env, tmp_path_factory):
-  """The task's runs, two at a time (each mostly waits on one core):
-  'reference' (an uninterrupted run: (workdir, CompletedProcess)),
-  'interrupted', 'nonfinite' and 'full_disk' (see the functions above), as
-  futures."""
+  """The task's runs: 'reference' (an uninterrupted run: (workdir,
+  CompletedProcess)) first and alone, so that it fills the compilation
+  cache and no later run compiles the task's programs again; then
+  'interrupted', 'nonfinite' and 'full_disk' (see the functions above), two
+  at a time (each mostly waits on one core). All as futures."""
   root = tmp_path_factory.mktemp(task)
   disk = root / 'disk'
   disk.mkdir()
+  futures = {'reference': concurrent.futures.Future()}
+  futures['reference'].set_result(
+      (root / 'reference', run(command(task, root / 'reference'), env)))
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    futures = {'reference': pool.submit(
-        lambda: (root / 'reference', run(command(task, root / 'reference'),
-                                         env)))}
     futures['interrupted'] = pool.submit(interrupted_runs, task,
                                          root / 'interrupted', env)
     futures['nonfinite'] = pool.submit(nonfinite_runs, task, root, env)

@@ -16,6 +16,7 @@ from mae_jax import (checkpoint, convert, create_model, figures, images,
                      visualize)
 from mae_jax.models.mae import normalize_patches
 from mae_jax.models.patches import patchify
+from tests.helpers import cpu_env
 
 pytestmark = pytest.mark.long
 
@@ -29,7 +30,8 @@ PX = figures.PANEL_INCHES * figures.DPI  # pixels per panel side
 
 
 def _env():
-  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  """One CPU device, as a user's machine without accelerators."""
+  return cpu_env()
 
 
 def _cli(*args):
