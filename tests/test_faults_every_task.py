@@ -206,9 +206,9 @@ def nonfinite_runs(task, root, env):
 
 def full_disk_run(task, disk, reference, env):
   """The command on a tmpfs `disk` with room for one checkpoint of the
-  reference run (its step 2) and the logs, not for two: (workdir,
+  `reference` workdir (its step 2) and the logs, not for two: (workdir,
   CompletedProcess), or None where no tmpfs can be mounted."""
-  directory = reference.result()[0] / 'checkpoints' / '2'
+  directory = reference / 'checkpoints' / '2'
   size = sum(f.stat().st_size for f in directory.rglob('*') if f.is_file())
   kib = (size * 3 // 2 + (1 << 20)) // 1024
   if subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={kib}k', 'tmpfs',
@@ -223,22 +223,20 @@ def runs(task, env, tmp_path_factory):
   CompletedProcess)) first and alone, so that it fills the compilation
   cache and no later run compiles the task's programs again; then
   'interrupted', 'nonfinite' and 'full_disk' (see the functions above), two
-  at a time (each mostly waits on one core). All as futures."""
+  at a time (each mostly waits on one core), as futures."""
   root = tmp_path_factory.mktemp(task)
   disk = root / 'disk'
   disk.mkdir()
-  futures = {'reference': concurrent.futures.Future()}
-  futures['reference'].set_result(
-      (root / 'reference', run(command(task, root / 'reference'), env)))
+  reference = root / 'reference'
+  results = {'reference': (reference, run(command(task, reference), env))}
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    futures['interrupted'] = pool.submit(interrupted_runs, task,
+    results['interrupted'] = pool.submit(interrupted_runs, task,
                                          root / 'interrupted', env)
-    futures['nonfinite'] = pool.submit(nonfinite_runs, task, root, env)
-    futures['full_disk'] = pool.submit(full_disk_run, task, disk,
-                                       futures['reference'], env)
-    concurrent.futures.wait(futures.values())
+    results['nonfinite'] = pool.submit(nonfinite_runs, task, root, env)
+    results['full_disk'] = pool.submit(full_disk_run, task, disk,
+                                       reference, env)
   try:
-    yield futures
+    yield results
   finally:
     subprocess.run(['umount', '-l', str(disk)], capture_output=True,
                    check=False)
@@ -248,7 +246,7 @@ def runs(task, env, tmp_path_factory):
 @pytest.fixture
 def reference(runs):
   """The workdir of the task's uninterrupted run."""
-  workdir, out = runs['reference'].result()
+  workdir, out = runs['reference']
   assert out.returncode == 0, out.stderr[-3000:]
   return workdir
 
